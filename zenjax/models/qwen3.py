@@ -1,0 +1,400 @@
+"""Qwen3 dense and Qwen3-MoE decoder in Flax NNX.
+
+Layers of the same shape are stacked (a leading `layers` axis) and run with `jax.lax.scan`, so a 36-layer
+model compiles one layer body per layer kind. The MLP slot holds a dense SwiGLU or an MoE block.
+Norms, RoPE, softmax and logits are computed in float32 whatever the compute dtype.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from zenjax.sharding import constrain
+
+# Logical axis names live on the Variables; creating them must not need a mesh.
+flax.config.update("flax_always_shard_variable", False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3Config:
+    vocab_size: int = 151936
+    hidden_size: int = 1024
+    num_layers: int = 28
+    num_heads: int = 16
+    num_kv_heads: int = 8
+    head_dim: int = 128  # Qwen3 sets it explicitly; it is not always hidden_size // num_heads
+    intermediate_size: int = 3072
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    tie_embeddings: bool = True
+    max_position_embeddings: int = 40960
+    dtype: str = "bfloat16"  # compute dtype of matmuls
+    param_dtype: str = "float32"
+    remat: bool = False  # recompute each layer in the backward pass instead of storing its activations
+    # Qwen3-MoE (num_experts == 0 means dense)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    router_aux_loss_coef: float = 0.001
+    router_z_loss_coef: float = 0.0
+    moe_impl: str = "ragged"  # "ragged" (dropless grouped matmul) or "reference" (every expert, tests only)
+    balance_global_batch: bool = False  # load-balance statistics summed over the data axes before the product
+
+    def __post_init__(self):
+        object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}")
+        if self.num_experts:
+            if not 0 < self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts="
+                                 f"{self.num_experts}]")
+            if self.moe_intermediate_size <= 0:
+                raise ValueError("moe_intermediate_size must be positive for an MoE model")
+            if self.decoder_sparse_step < 1:
+                raise ValueError(f"decoder_sparse_step={self.decoder_sparse_step} must be >= 1")
+            bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+            if bad:
+                raise ValueError(f"mlp_only_layers {bad} out of range for num_layers={self.num_layers}")
+            if self.moe_impl not in ("ragged", "reference"):
+                raise ValueError(f"moe_impl={self.moe_impl!r}: expected 'ragged' or 'reference'")
+
+    def is_moe_layer(self, i: int) -> bool:
+        # transformers' Qwen3MoeDecoderLayer rule.
+        return (self.num_experts > 0 and i not in self.mlp_only_layers
+                and (i + 1) % self.decoder_sparse_step == 0)
+
+    def segments(self) -> list[tuple[bool, int]]:
+        """Runs of consecutive layers of the same kind: [(is_moe, count), ...]; each run is one scan."""
+        out: list[tuple[bool, int]] = []
+        for i in range(self.num_layers):
+            kind = self.is_moe_layer(i)
+            if out and out[-1][0] == kind:
+                out[-1] = (kind, out[-1][1] + 1)
+            else:
+                out.append((kind, 1))
+        return out
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any] | str | os.PathLike, **overrides) -> "Qwen3Config":
+        """From an HF config.json (path, directory or dict); accepts hub and transformers-5 key styles."""
+        if not isinstance(hf, dict):
+            path = os.path.join(hf, "config.json") if os.path.isdir(hf) else hf
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"no config.json at {path}")
+            with open(path) as f:
+                hf = json.load(f)
+        model_type = hf.get("model_type")
+        if model_type not in ("qwen3", "qwen3_moe"):
+            raise ValueError(f"unsupported model_type {model_type!r}: zenjax loads 'qwen3' and 'qwen3_moe'")
+        if hf.get("attention_bias"):
+            raise ValueError("attention_bias=true is not a Qwen3 layout zenjax supports")
+        if hf.get("use_sliding_window"):
+            raise ValueError("use_sliding_window=true is not supported")
+        rope = hf.get("rope_parameters") or {}
+        if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
+            raise ValueError(f"only default RoPE is supported, got {rope or hf.get('rope_scaling')}")
+        fields = dict(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            num_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+            intermediate_size=hf["intermediate_size"],
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+            max_position_embeddings=hf.get("max_position_embeddings", 40960),
+        )
+        if model_type == "qwen3_moe":
+            fields.update(
+                num_experts=hf.get("num_experts", hf.get("num_local_experts")),
+                num_experts_per_tok=hf["num_experts_per_tok"],
+                moe_intermediate_size=hf["moe_intermediate_size"],
+                norm_topk_prob=hf.get("norm_topk_prob", False),
+                decoder_sparse_step=hf.get("decoder_sparse_step", 1),
+                mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
+                router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001),
+            )
+        fields.update(overrides)
+        return cls(**fields)
+
+    def to_hf(self) -> dict[str, Any]:
+        """An HF config.json dict (transformers-5 key style) describing this architecture."""
+        hf = dict(
+            model_type="qwen3_moe" if self.num_experts else "qwen3",
+            architectures=["Qwen3MoeForCausalLM" if self.num_experts else "Qwen3ForCausalLM"],
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads, head_dim=self.head_dim,
+            intermediate_size=self.intermediate_size, rms_norm_eps=self.rms_norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta}, rope_theta=self.rope_theta,
+            tie_word_embeddings=self.tie_embeddings, max_position_embeddings=self.max_position_embeddings,
+            hidden_act="silu", attention_bias=False, torch_dtype="float32",
+        )
+        if self.num_experts:
+            hf.update(num_experts=self.num_experts, num_local_experts=self.num_experts,
+                      num_experts_per_tok=self.num_experts_per_tok,
+                      moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
+                      decoder_sparse_step=self.decoder_sparse_step, mlp_only_layers=list(self.mlp_only_layers),
+                      router_aux_loss_coef=self.router_aux_loss_coef, output_router_logits=False)
+        return hf
+
+
+def param(rngs: nnx.Rngs, cfg: Qwen3Config, shape, axes, init: str = "normal") -> nnx.Param:
+    """A parameter with logical axis names; HF's init (normal 0.02, norms at one)."""
+    dtype = jnp.dtype(cfg.param_dtype)
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        value = 0.02 * jax.random.normal(rngs.params(), shape, dtype)
+    return nnx.Param(value, out_sharding=tuple(axes))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, cfg: Qwen3Config, *, rngs: nnx.Rngs):
+        self.scale = param(rngs, cfg, (dim,), ("norm",), init="ones")
+        self.eps = cfg.rms_norm_eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, transformers' rotate-half convention."""
+    d = x_BTHD.shape[-1]
+    inv_freq = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    angles_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+    cos = jnp.cos(angles_BTF)[:, :, None, :]
+    sin = jnp.sin(angles_BTF)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTHD.dtype)
+
+
+class LayerCache(NamedTuple):
+    """KV cache of one scanned run of layers: k/v [L, B, S, K, D]."""
+    k: jax.Array
+    v: jax.Array
+
+
+class KVCache(NamedTuple):
+    """Cache for the whole model. `valid_BS` marks slots holding real (non-pad) tokens; `index` is the next slot."""
+    layers: tuple[LayerCache, ...]
+    valid_BS: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def init(cls, cfg: Qwen3Config, batch: int, max_len: int, dtype=None) -> "KVCache":
+        dtype = jnp.dtype(dtype or cfg.dtype)
+        shape = lambda n: (n, batch, max_len, cfg.num_kv_heads, cfg.head_dim)  # noqa: E731
+        layers = tuple(LayerCache(jnp.zeros(shape(n), dtype), jnp.zeros(shape(n), dtype))
+                       for _, n in cfg.segments())
+        return cls(layers, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.valid_BS.shape[1]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
+        D, H, K, E = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.hidden_size
+        self.cfg = cfg
+        self.q = param(rngs, cfg, (E, H, D), ("embed", "heads", "head_dim"))
+        self.k = param(rngs, cfg, (E, K, D), ("embed", "kv_heads", "head_dim"))
+        self.v = param(rngs, cfg, (E, K, D), ("embed", "kv_heads", "head_dim"))
+        self.o = param(rngs, cfg, (H, D, E), ("heads", "head_dim", "embed"))
+        self.q_norm = RMSNorm(D, cfg, rngs=rngs)
+        self.k_norm = RMSNorm(D, cfg, rngs=rngs)
+
+    def __call__(self, x_BTE, positions_BT, mask_BTS, kv: tuple[jax.Array, jax.Array] | None, index):
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        x = x_BTE.astype(dt)
+        q_BTHD = self.q_norm(jnp.einsum("bte,ehd->bthd", x, self.q[...].astype(dt)))
+        k_BTKD = self.k_norm(jnp.einsum("bte,ekd->btkd", x, self.k[...].astype(dt)))
+        v_BTKD = jnp.einsum("bte,ekd->btkd", x, self.v[...].astype(dt))
+        q_BTHD = constrain(rope(q_BTHD, positions_BT, cfg.rope_theta), ("batch", "seq", "act_heads", None))
+        k_BTKD = rope(k_BTKD, positions_BT, cfg.rope_theta)
+        if kv is not None:  # write the new keys/values at the cache's next slots, attend over the whole cache
+            k_cache, v_cache = kv
+            k_BSKD = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BTKD.astype(k_cache.dtype), index, axis=1)
+            v_BSKD = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BTKD.astype(v_cache.dtype), index, axis=1)
+            kv = (k_BSKD, v_BSKD)
+        else:
+            k_BSKD, v_BSKD = k_BTKD, v_BTKD
+        B, T, H, D = q_BTHD.shape
+        K = cfg.num_kv_heads
+        q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD.astype(dt),
+                            preferred_element_type=jnp.float32) * (D ** -0.5)
+        # A finite floor keeps fully-masked (padding) query rows finite instead of NaN.
+        scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKD.astype(dt))
+        out_BTE = jnp.einsum("bthd,hde->bte", out_BTKGD.reshape(B, T, H, D), self.o[...].astype(dt))
+        return out_BTE, kv
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward."""
+
+    def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
+        E, F = cfg.hidden_size, cfg.intermediate_size
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.gate = param(rngs, cfg, (E, F), ("embed", "mlp"))
+        self.up = param(rngs, cfg, (E, F), ("embed", "mlp"))
+        self.down = param(rngs, cfg, (F, E), ("mlp", "embed"))
+
+    def __call__(self, x_BTE, mask_BT):
+        dt = self.dtype
+        x = x_BTE.astype(dt)
+        h_BTF = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+        h_BTF = constrain(h_BTF, ("batch", "seq", "act_mlp"))
+        return h_BTF @ self.down[...].astype(dt), {}
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: Qwen3Config, moe: bool, *, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
+        if moe:
+            from zenjax.models.moe import MoEBlock  # noqa: PLC0415 - moe imports this module's helpers
+            self.mlp = MoEBlock(cfg, rngs=rngs)
+        else:
+            self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x_BTE, positions_BT, mask_BTS, token_mask_BT, kv, index):
+        h, kv = self.attn(self.input_norm(x_BTE), positions_BT, mask_BTS, kv, index)
+        x_BTE = x_BTE + h.astype(x_BTE.dtype)
+        h, aux = self.mlp(self.post_attn_norm(x_BTE), token_mask_BT)
+        x_BTE = constrain(x_BTE + h.astype(x_BTE.dtype), ("batch", "seq", "act_embed"))
+        return x_BTE, kv, aux
+
+
+class Output(NamedTuple):
+    hidden_BTE: jax.Array  # final-normed hidden states (feed to `logits` or `token_logprobs`)
+    cache: KVCache | None
+    aux: dict[str, jax.Array]  # per-MoE-layer routing statistics, stacked [L_moe, ...]; empty for dense
+
+
+class Qwen3(nnx.Module):
+    def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = param(rngs, cfg, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
+        self.stacks = nnx.List([self._stack(moe, n, rngs) for moe, n in cfg.segments()])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = param(rngs, cfg, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
+
+    def _stack(self, moe: bool, n: int, rngs: nnx.Rngs) -> Block:
+        @nnx.split_rngs(splits=n)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make(r):
+            return Block(self.cfg, moe, rngs=r)
+        return make(rngs)
+
+    def head_weight(self) -> jax.Array:
+        """LM head as [embed, vocab] (the transposed embedding when tied)."""
+        return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+
+    def hidden(self, tokens_BT, mask_BT=None, positions_BT=None, cache: KVCache | None = None) -> Output:
+        """Run the decoder. `mask_BT` marks real tokens (False = padding). With a cache, the T new tokens are
+        written at slots [cache.index, cache.index + T) and attend to every valid earlier slot."""
+        cfg = self.cfg
+        B, T = tokens_BT.shape
+        mask_BT = jnp.ones((B, T), bool) if mask_BT is None else mask_BT.astype(bool)
+        if positions_BT is None:
+            positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
+        if cache is None:
+            causal_TT = jnp.tril(jnp.ones((T, T), bool))
+            mask_BTS = causal_TT[None] & mask_BT[:, None, :]
+            index = None
+        else:
+            index = cache.index
+            valid_BS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BS, mask_BT, index, axis=1)
+            slot_S = jnp.arange(cache.max_len)
+            mask_BTS = valid_BS[:, None, :] & (slot_S[None, None, :] <= index + jnp.arange(T)[None, :, None])
+        x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(jnp.dtype(cfg.dtype))
+        x = constrain(x, ("batch", "seq", "act_embed"))
+
+        new_layers, aux_list = [], []
+        for i, stack in enumerate(self.stacks):
+            graphdef, state = nnx.split(stack)
+
+            def body(x, xs, graphdef=graphdef):
+                layer_state, kv = xs
+                x, kv, aux = nnx.merge(graphdef, layer_state)(x, positions_BT, mask_BTS, mask_BT, kv, index)
+                return x, (kv, aux)
+
+            if cfg.remat:
+                body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
+            kv_in = None if cache is None else tuple(cache.layers[i])
+            x, (kv_out, aux) = jax.lax.scan(body, x, (state, kv_in))
+            new_layers.append(None if cache is None else LayerCache(*kv_out))
+            if aux:
+                aux_list.append(aux)
+        aux = {k: jnp.concatenate([a[k] for a in aux_list]) for k in aux_list[0]} if aux_list else {}
+        h = self.final_norm(x)
+        if cache is not None:
+            cache = KVCache(tuple(new_layers), valid_BS, index + T)
+        return Output(h, cache, aux)
+
+    def logits(self, hidden_BTE) -> jax.Array:
+        dt = jnp.dtype(self.cfg.dtype)
+        logits = jnp.einsum("bte,ev->btv", hidden_BTE.astype(dt), self.head_weight().astype(dt),
+                            preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "seq", "act_vocab"))
+
+    def __call__(self, tokens_BT, mask_BT=None, positions_BT=None):
+        out = self.hidden(tokens_BT, mask_BT, positions_BT)
+        return self.logits(out.hidden_BTE), out.aux
+
+
+def token_logprobs(hidden_BTE, head_ED, targets_BT, *, dtype=jnp.float32, chunk: int = 256,
+                   with_entropy: bool = False):
+    """log p(target) per token (and the entropy of the distribution), in float32, without materialising the
+    whole [B, T, V] logits: the sequence is cut into chunks and each chunk's logits are recomputed in backward."""
+    B, T, _ = hidden_BTE.shape
+    chunk = min(chunk, T)
+    pad = -T % chunk
+    h = jnp.pad(hidden_BTE, ((0, 0), (0, pad), (0, 0)))
+    tgt = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+    n = (T + pad) // chunk
+    h_NBCE = h.reshape(B, n, chunk, -1).swapaxes(0, 1)
+    tgt_NBC = tgt.reshape(B, n, chunk).swapaxes(0, 1)
+    w = head_ED.astype(dtype)
+
+    @jax.checkpoint
+    def one(args):
+        h_BCE, t_BC = args
+        logits = jnp.einsum("bce,ev->bcv", h_BCE.astype(dtype), w, preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "seq", "act_vocab"))
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        logp = jnp.take_along_axis(logits, t_BC[..., None], axis=-1)[..., 0] - lse
+        ent = lse - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1) if with_entropy else lse * 0
+        return logp, ent
+
+    logp_NBC, ent_NBC = jax.lax.map(one, (h_NBCE, tgt_NBC))
+    unchunk = lambda a: a.swapaxes(0, 1).reshape(B, -1)[:, :T]  # noqa: E731
+    return (unchunk(logp_NBC), unchunk(ent_NBC)) if with_entropy else unchunk(logp_NBC)
+
+
+def sequence_logprobs(model: Qwen3, tokens_BT, mask_BT, *, chunk: int = 256, with_entropy: bool = False):
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) for t < T-1, as [B, T-1] (+ entropy, + MoE aux)."""
+    out = model.hidden(tokens_BT, mask_BT)
+    res = token_logprobs(out.hidden_BTE[:, :-1], model.head_weight(), tokens_BT[:, 1:],
+                         dtype=jnp.dtype(model.cfg.dtype), chunk=chunk, with_entropy=with_entropy)
+    return res, out.aux

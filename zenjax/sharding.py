@@ -1,0 +1,119 @@
+"""Device mesh and THE table that maps logical axis names to mesh axes.
+
+Model code names logical axes only (`embed`, `heads`, `experts`, ...). Changing the parallelism strategy
+is a change of mesh sizes or of `RULES`, never of model code.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None for replicated).
+RULES: dict[str, Any] = {
+    # activations
+    "batch": ("data", "fsdp", "expert"),  # every non-model axis shards the batch (FSDP/EP are data-parallel too)
+    "seq": None,
+    "act_embed": None,  # hidden states are whole per device; weights are gathered (FSDP), not activations
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+    # parameters
+    "layers": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "experts": "expert",
+    "expert_mlp": "tensor",
+    "norm": None,
+}
+
+
+def logical_to_spec(axes: Sequence[str | None] | None, rules: dict[str, Any] = RULES) -> P:
+    """PartitionSpec for a tuple of logical axis names; a mesh axis is used at most once (first wins)."""
+    if axes is None:
+        return P()
+    used: set[str] = set()
+    out = []
+    for name in axes:
+        if name is None:
+            out.append(None)
+            continue
+        if name not in rules:
+            raise KeyError(f"logical axis {name!r} has no rule in zenjax.sharding.RULES")
+        mesh_axes = rules[name]
+        mesh_axes = () if mesh_axes is None else (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+        mesh_axes = tuple(a for a in mesh_axes if a not in used)
+        used.update(mesh_axes)
+        out.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
+    return P(*out)
+
+
+def _current_mesh():
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint on an activation, a no-op when no mesh is set (single-device use)."""
+    mesh = _current_mesh()
+    if mesh is None:
+        return x
+    spec = logical_to_spec(axes)
+    # Drop mesh axes of size 1 and axes that don't divide the dimension (e.g. batch 1 while decoding).
+    fixed = []
+    for dim, entry in zip(x.shape, spec):
+        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        names = tuple(n for n in names if mesh.shape[n] > 1)
+        size = math.prod(mesh.shape[n] for n in names)
+        fixed.append(None if not names or dim % size else (names[0] if len(names) == 1 else names))
+    return jax.lax.with_sharding_constraint(x, P(*fixed))
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A 4-axis mesh; one size may be -1 to take the remaining devices."""
+    devices = jax.devices() if devices is None else devices
+    sizes = {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
+    for name, size in sizes.items():
+        if size == 0 or size < -1:
+            raise ValueError(f"mesh.{name}={size}: sizes must be positive or -1")
+    fill = [n for n, s in sizes.items() if s == -1]
+    if len(fill) > 1:
+        raise ValueError(f"only one mesh axis may be -1, got {fill}")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if fill:
+        if len(devices) % known:
+            raise ValueError(f"mesh: {len(devices)} devices are not divisible by the fixed axes' product {known}")
+        sizes[fill[0]] = len(devices) // known
+    total = math.prod(sizes.values())
+    if total != len(devices):
+        raise ValueError(
+            f"mesh data*fsdp*expert*tensor = {sizes['data']}*{sizes['fsdp']}*{sizes['expert']}*{sizes['tensor']} = {total}"
+            f" but there are {len(devices)} devices")
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    try:  # topology-aware placement (ICI rings on TPU); multi-slice or odd shapes fall back to plain order
+        dev = mesh_utils.create_device_mesh(shape, devices=devices)
+    except (ValueError, AssertionError, NotImplementedError):
+        dev = np.asarray(devices).reshape(shape)
+    return Mesh(dev, MESH_AXES)
+
+
+def named(mesh: Mesh, axes: Sequence[str | None] | None) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes))
+
+
+def axis_size(mesh: Mesh, logical: str) -> int:
+    """Number of shards a logical axis is split into on this mesh."""
+    spec = logical_to_spec((logical,))[0]
+    names = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    return math.prod(mesh.shape[n] for n in names)
