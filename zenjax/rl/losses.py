@@ -110,7 +110,7 @@ def _prepare(logp_BT, old_logp_BT, adv_B, mask_BT, ref_logp_BT) -> _Batch:
         if const:
             x = jax.lax.stop_gradient(x)
         # Masking before any arithmetic keeps garbage (inf/nan) in padding out of values and grads.
-        return x * tok
+        return jnp.where(tok, x, 0.0)
 
     count = tok.sum(axis=-1).astype(f32)
     return _Batch(
