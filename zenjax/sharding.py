@@ -117,3 +117,35 @@ def axis_size(mesh: Mesh, logical: str) -> int:
     spec = logical_to_spec((logical,))[0]
     names = () if spec is None else (spec,) if isinstance(spec, str) else spec
     return math.prod(mesh.shape[n] for n in names)
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, P)
+
+
+def param_shardings(mesh: Mesh, abstract_state) -> Any:
+    """NamedShardings for an nnx State (or abstract model state) from its logical axis names, as a pure dict.
+
+    Raises a clear error when a dimension is not divisible by the mesh axes it is sharded over."""
+    from flax import nnx  # noqa: PLC0415 - keep sharding importable without flax for launch tooling
+
+    logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
+    shapes = nnx.to_pure_dict(abstract_state)
+
+    def one(path, spec, leaf):
+        mesh_spec = logical_to_spec(tuple(spec))
+        for dim, (size, entry, name) in enumerate(zip(leaf.shape, mesh_spec, spec)):
+            names = () if entry is None else (entry,) if isinstance(entry, str) else entry
+            n = math.prod(mesh.shape[a] for a in names)
+            if size % n:
+                where = "/".join(str(getattr(k, "key", k)) for k in path)
+                raise ValueError(f"parameter {where} dim {dim} ({name}={size}) is not divisible by mesh axes "
+                                 f"{names} of total size {n}")
+        return NamedSharding(mesh, mesh_spec)
+
+    return jax.tree_util.tree_map_with_path(one, logical, shapes, is_leaf=_is_spec)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Rows over the batch axes, everything else replicated."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import os
-from typing import Callable, Iterator
+import struct
+from typing import Callable, Iterator, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +31,26 @@ class Entry:
 
 
 def _t(a):
-    return np.ascontiguousarray(a.T)
+    """a.T as a new C-contiguous array. Large matrices are copied in strips of 16 rows: numpy's plain transposed
+    copy walks the whole output for every input row and runs several times slower."""
+    if a.ndim != 2 or a.size < 1 << 16:
+        return np.ascontiguousarray(a.T)
+    out = np.empty(a.shape[::-1], a.dtype)
+    for i in range(0, a.shape[0], 16):
+        for j in range(0, a.shape[1], 4096):
+            out[j:j + 4096, i:i + 16] = a[i:i + 16, j:j + 4096].T
+    return out
+
+
+def _stack_t(arrs: Sequence[np.ndarray]) -> np.ndarray:
+    """Experts' [out, in] tensors -> [experts, in, out], filled one expert at a time: with a lazily reading
+    sequence, one layer's experts are in memory once, not twice."""
+    out = None
+    for x, a in enumerate(arrs):
+        if out is None:
+            out = np.empty((len(arrs),) + a.shape[::-1], a.dtype)
+        out[x] = _t(a)
+    return out
 
 
 def entries(cfg: Qwen3Config) -> Iterator[Entry]:
@@ -58,34 +79,105 @@ def entries(cfg: Qwen3Config) -> Iterator[Entry]:
                 yield Entry(st + ("mlp", "router"), j, (p + "mlp.gate.weight",), *linear)
                 for name in ("gate", "up", "down"):
                     keys = tuple(p + f"mlp.experts.{x}.{name}_proj.weight" for x in range(cfg.num_experts))
-                    yield Entry(st + ("mlp", name), j, keys,
-                                lambda arrs: np.stack([_t(a) for a in arrs]),
-                                lambda w: [_t(x) for x in w])
+                    yield Entry(st + ("mlp", name), j, keys, _stack_t, lambda w: [_t(x) for x in w])
             else:
                 for name in ("gate", "up", "down"):
                     yield Entry(st + ("mlp", name), j, (p + f"mlp.{name}_proj.weight",), *linear)
             layer += 1
 
 
+# safetensors dtype names <-> numpy dtypes (bfloat16 from ml_dtypes, as jax uses it).
+SAFETENSORS_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+                      "BF16": np.dtype(jnp.bfloat16)}
+
+
 class SafetensorsReader:
-    """Memory-mapped reader over one or several safetensors files (with or without an index)."""
+    """Reads one or several safetensors files; with model.safetensors.index.json, the files it names.
+
+    Tensors are read with positioned reads into fresh arrays rather than through a memory map: the process holds
+    only the tensors in use, not mapped pages of the whole checkpoint (which count towards its resident memory).
+    """
 
     def __init__(self, directory: str):
-        from safetensors import safe_open  # noqa: PLC0415 - only readers need it
-
-        files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+        index_path = os.path.join(directory, "model.safetensors.index.json")
+        weight_map = None
+        if os.path.exists(index_path):
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+            absent = [f for f in files if not os.path.exists(os.path.join(directory, f))]
+            if absent:
+                raise FileNotFoundError(f"{index_path} names files that do not exist: {absent}")
+        else:
+            files = sorted(os.path.basename(f) for f in glob.glob(os.path.join(directory, "*.safetensors")))
         if not files:
             raise FileNotFoundError(f"no *.safetensors files in {directory}")
-        self._handles = {f: safe_open(f, framework="np") for f in files}
-        self.index = {k: f for f, h in self._handles.items() for k in h.keys()}
+        self._fds: dict[str, int] = {}
+        self._tensors: dict[str, tuple[str, np.dtype, tuple[int, ...], int, int]] = {}
+        for name in files:
+            path = os.path.join(directory, name)
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            header = json.loads(os.pread(fd, n, 8))
+            for key, t in header.items():
+                if key == "__metadata__":
+                    continue
+                if key in self._tensors:
+                    raise ValueError(f"tensor {key!r} is in both {self._tensors[key][0]} and {path}")
+                if t["dtype"] not in SAFETENSORS_DTYPES:
+                    raise ValueError(f"tensor {key!r} in {path} has dtype {t['dtype']}; supported: "
+                                     f"{sorted(SAFETENSORS_DTYPES)}")
+                start, end = t["data_offsets"]
+                dtype = SAFETENSORS_DTYPES[t["dtype"]]
+                self._tensors[key] = (path, dtype, tuple(t["shape"]), 8 + n + start, end - start)
+        if weight_map is not None and set(weight_map) != set(self._tensors):
+            raise ValueError(f"{index_path} does not match the files' contents: listed but absent "
+                             f"{sorted(set(weight_map) - set(self._tensors))[:20]}, present but unlisted "
+                             f"{sorted(set(self._tensors) - set(weight_map))[:20]}")
 
     def keys(self) -> set[str]:
-        return set(self.index)
+        return set(self._tensors)
+
+    def _info(self, key: str):
+        if key not in self._tensors:
+            raise KeyError(f"tensor {key!r} is missing from the checkpoint")
+        return self._tensors[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._info(key)[2]
+
+    def dtype(self, key: str) -> np.dtype:
+        return self._info(key)[1]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: t[2] for k, t in self._tensors.items()}
 
     def get(self, key: str) -> np.ndarray:
-        if key not in self.index:
-            raise KeyError(f"tensor {key!r} is missing from the checkpoint")
-        return self._handles[self.index[key]].get_tensor(key)
+        path, dtype, shape, offset, nbytes = self._info(key)
+        if nbytes != dtype.itemsize * int(np.prod(shape)):
+            raise ValueError(f"tensor {key!r} in {path}: {nbytes} bytes do not hold {shape} {dtype}")
+        buf = np.empty(nbytes, np.uint8)
+        view, done = memoryview(buf), 0
+        while done < nbytes:  # one read returns at most ~2 GiB on Linux
+            got = os.preadv(self._fds[path], [view[done:]], offset + done)
+            if got == 0:
+                raise ValueError(f"{path} is truncated: tensor {key!r} ends past the end of the file")
+            done += got
+        return buf.view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
+        self._fds = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
 
 
 def check_keys(cfg: Qwen3Config, available: set[str]) -> None:
@@ -100,11 +192,46 @@ def check_keys(cfg: Qwen3Config, available: set[str]) -> None:
                          f"{' ...' if len(unexpected) > 20 else ''}")
 
 
+def param_shapes(cfg: Qwen3Config) -> dict[Path, tuple[tuple[int, ...], tuple[str | None, ...]]]:
+    """Shape and logical axis names of every parameter, by path; nothing is allocated."""
+    model = nnx.eval_shape(lambda: Qwen3(cfg, rngs=nnx.Rngs(0)))
+    return {path: (tuple(var.get_value().shape), tuple(var.get_metadata()["out_sharding"]))
+            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def slice_shape(e: Entry, param_shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(param_shape if e.layer is None else param_shape[1:])
+
+
+# Zero bytes per element: the layout functions run on shapes alone, however large the model.
+_PROBE = np.dtype([])
+
+
+def hf_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
+    """The shape every HF tensor must have, derived from the parameter shapes through `Entry.to_hf`."""
+    shapes = param_shapes(cfg)
+    out = {}
+    for e in entries(cfg):
+        probe = np.empty(slice_shape(e, shapes[e.path][0]), _PROBE)
+        out.update({k: a.shape for k, a in zip(e.hf_keys, e.to_hf(probe), strict=True)})
+    return out
+
+
+def check_shapes(cfg: Qwen3Config, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every tensor the config needs has the shape it needs: name each that does not, with both shapes."""
+    bad = [f"{k} is {tuple(shapes[k])}, expected {want}"
+           for k, want in hf_shapes(cfg).items() if k in shapes and tuple(shapes[k]) != want]
+    if bad:
+        raise ValueError(f"checkpoint does not match the config: {len(bad)} tensors have the wrong shape: "
+                         + "; ".join(bad[:20]) + (" ..." if len(bad) > 20 else ""))
+
+
 def load_hf(directory: str, **cfg_overrides) -> Qwen3:
     """Build a zenjax model from an HF Qwen3 / Qwen3-MoE directory (config.json + safetensors)."""
     cfg = Qwen3Config.from_hf(directory, **cfg_overrides)
     reader = SafetensorsReader(directory)
     check_keys(cfg, reader.keys())
+    check_shapes(cfg, reader.shapes())
     model = nnx.eval_shape(lambda: Qwen3(cfg, rngs=nnx.Rngs(0)))
     state = nnx.state(model)
     flat = dict(nnx.to_flat_state(state))

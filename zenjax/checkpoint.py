@@ -1,0 +1,214 @@
+"""Training checkpoints that resume exactly or fail loudly, and clean stops on preemption.
+
+`<workdir>/checkpoints/<step>/` holds four Orbax items: `params` (the pure dict of the nnx.Param
+values), `opt_state`, `meta` (the trainer's small JSON) and `checksums` (a fingerprint of every
+array). Orbax writes a step into a temporary directory and renames it once complete, so a killed
+save never shows up as a step. What can still go wrong is a committed step damaged later (lost or
+truncated files, bit rot that Orbax reads back without complaint): `restore` verifies every array
+against its fingerprint and falls back to the previous step, setting the bad ones aside.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """Checkpoints exist but none of them can be restored."""
+
+
+class Checkpointer:
+    """Saves (asynchronously, every `save_every` steps, keeping the last `keep`) and restores.
+
+    Every process must make the same calls: saving and restoring are collective.
+    """
+
+    def __init__(self, workdir: str | epath.PathLike, *, keep: int = 3, save_every: int = 50,
+                 async_save: bool = True):
+        if keep < 1 or save_every < 1:
+            raise ValueError(f"keep and save_every must be >= 1, got keep={keep}, "
+                             f"save_every={save_every}")
+        self.directory = epath.Path(workdir) / "checkpoints"
+        self.save_every = save_every
+        self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # what killed saves left behind
+            # Process 0 lists the steps for all: on an eventually consistent store (GCS)
+            # processes listing for themselves could disagree on the latest step.
+            single_host_load_and_broadcast=True,
+        ))
+
+    def save(self, step: int, params, opt_state, meta: dict[str, Any], *,
+             force: bool = False) -> bool:
+        """Starts saving when `step % save_every == 0` or `force`; False when it does not save.
+
+        Returns once the arrays are copied off the devices, so the caller may then donate or
+        overwrite them; the write finishes in the background (see `wait`).
+        """
+        if not (force or step % self.save_every == 0):
+            return False
+        if step in self._manager.all_steps():
+            return False  # e.g. the forced final save right after a periodic one
+        try:
+            json.dumps(meta)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"checkpoint meta must be JSON-serialisable: {e}") from None
+        checksums = {"params": _fingerprints(params), "opt_state": _fingerprints(opt_state)}
+        return self._manager.save(step, force=True, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(meta),
+            checksums=ocp.args.JsonSave(checksums),
+        ))
+
+    def restore(self, abstract_params, abstract_opt_state):
+        """(step, params, opt_state, meta) of the latest step that restores intact, else None.
+
+        Arrays land directly in the shardings of the abstract trees (jax.ShapeDtypeStruct with
+        `.sharding`), whatever the device count at save time. `abstract_opt_state=None` restores
+        no optimizer state (returned as None). A damaged step is skipped with a warning and
+        renamed `<step>.corrupt-<time>`; if checkpoints exist but none restores, raises
+        CheckpointError. None only when there is no checkpoint at all.
+        """
+        _require_shardings(abstract_params, "abstract_params")
+        _require_shardings(abstract_opt_state, "abstract_opt_state")
+        self._manager.wait_until_finished()
+        self._manager.reload()
+        bad: list[tuple[int, Exception]] = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                restored, error = self._restore_step(step, abstract_params, abstract_opt_state), None
+            except Exception as e:  # whatever the damage, the previous step may be intact
+                restored, error = None, e
+            restored_everywhere = _gather(error is None).all()
+            if error is None and not restored_everywhere:
+                error = CheckpointError("it failed to restore on another process")
+            if error is not None:
+                log.warning("checkpoint step %d in %s cannot be restored (%s: %s); trying the "
+                            "previous one", step, self.directory, type(error).__name__, error)
+                bad.append((step, error))
+                continue
+            if bad:
+                self._set_aside([s for s, _ in bad])
+            return restored
+        if bad:
+            raise CheckpointError(
+                f"none of the checkpoints in {self.directory} can be restored:\n"
+                + "\n".join(f"  step {s}: {type(e).__name__}: {e}" for s, e in bad)) from bad[0][1]
+        return None
+
+    def wait(self) -> None:
+        """Blocks until saves in flight are committed; raises what a background save raised."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def _restore_step(self, step, abstract_params, abstract_opt_state):
+        items = {"params": ocp.args.StandardRestore(abstract_params),
+                 "meta": ocp.args.JsonRestore(), "checksums": ocp.args.JsonRestore()}
+        if abstract_opt_state is not None:
+            items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        for name in ("params", "opt_state"):
+            if name in items:
+                _verify(restored[name], restored["checksums"][name], name)
+        return step, restored["params"], restored.get("opt_state"), restored["meta"]
+
+    def _set_aside(self, steps: Sequence[int]) -> None:
+        # Renamed rather than deleted: a step that failed for a passing reason can be recovered
+        # by hand. Out of the way, it is neither the converter's "latest" nor blocks a new save.
+        if jax.process_index() == 0:
+            for step in steps:
+                path = self.directory / str(step)
+                aside = path.parent / f"{step}.corrupt-{int(time.time())}"
+                path.rename(aside)
+                log.warning("moved damaged checkpoint %s to %s", path, aside)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("zenjax.checkpoint.set_aside")
+        self._manager.reload()
+
+
+def install_signal_handlers(signals=(signal.SIGTERM, signal.SIGINT)) -> Callable[[], bool]:
+    """Makes SIGTERM/SIGINT ask for a clean stop; returns `should_stop()` for the loop to poll.
+
+    Once it returns True, save with `force=True`, `close()` and exit. With several processes
+    `should_stop()` is a collective, so call it at the same point of every step on every
+    process: it turns True on all of them once any one was signalled, so all stop after the same
+    step. A second signal gets the previous behaviour (Ctrl-C twice kills). Call it after
+    `zenjax.distributed.initialize()`, which installs jax's own SIGTERM hook.
+    """
+    received: list[int] = []
+
+    def handle(signum, frame):
+        received.append(signum)
+        signal.signal(signum, previous[signum] or signal.SIG_DFL)
+        log.warning("received %s: stopping after this step", signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handle) for s in signals}
+    return lambda: bool(_gather(bool(received)).any())
+
+
+def _gather(flag: bool) -> np.ndarray:
+    """Every process's flag."""
+    if jax.process_count() == 1:
+        return np.array([flag])
+    return np.asarray(multihost_utils.process_allgather(np.array(flag)))
+
+
+@jax.jit
+def _fingerprint(x: jax.Array) -> jax.Array:
+    # Position-weighted sum of the raw bits modulo 2**32: odd weights are invertible, so any one
+    # changed element changes it, and integer sums do not depend on how the array is sharded.
+    if x.dtype == jnp.bool_:
+        bits = x.astype(jnp.uint32)
+    elif x.dtype.itemsize >= 4:
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint32)  # 8-byte types gain a trailing 2
+    else:
+        bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+        bits = bits.astype(jnp.uint32)
+    index, stride = jnp.zeros(bits.shape, jnp.uint32), 1
+    for dim in reversed(range(bits.ndim)):  # flat index without a reshape that would reshard
+        index += jax.lax.broadcasted_iota(jnp.uint32, bits.shape, dim) * jnp.uint32(stride % 2**32)
+        stride *= bits.shape[dim]
+    return jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
+
+
+def _fingerprints(tree) -> dict[str, list]:
+    """{key path: [dtype, fingerprint]} of every array in the tree."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    sums = [_fingerprint(x) for _, x in leaves]  # dispatch all before waiting for any
+    return {jax.tree_util.keystr(path): [str(x.dtype), int(s.addressable_data(0))]
+            for (path, x), s in zip(leaves, sums)}
+
+
+def _verify(tree, saved: dict[str, list], item: str) -> None:
+    for path, (dtype, value) in _fingerprints(tree).items():
+        if path not in saved:
+            raise CheckpointError(f"{item}{path} has no saved checksum")
+        saved_dtype, saved_value = saved[path]
+        # An array restored into another dtype was converted: its bits cannot match.
+        if saved_dtype == dtype and saved_value != value:
+            raise CheckpointError(f"{item}{path} does not match its checksum: the data is damaged")
+
+
+def _require_shardings(tree, name: str) -> None:
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if getattr(leaf, "sharding", None) is None:
+            raise ValueError(f"{name}{jax.tree_util.keystr(path)} has no sharding: restore needs "
+                             "jax.ShapeDtypeStruct leaves with .sharding (jax.eval_shape + rules)")

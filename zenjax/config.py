@@ -1,0 +1,114 @@
+"""From a run's ConfigDict to the model dataclass, and the cross-field checks worth failing on before anything
+is allocated (each message names the fields and the numbers)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import ml_collections
+
+from zenjax import sharding
+from zenjax.models import Qwen3Config
+
+# How to run the model rather than what it is: these override an HF config.json.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "moe_impl", "router_aux_loss_coef", "router_z_loss_coef",
+                  "balance_global_batch")
+BATCH_AXES = ("data", "fsdp", "expert")  # mesh axes that split the batch (sharding.RULES["batch"])
+
+
+def model_config_from(m: ml_collections.ConfigDict) -> Qwen3Config:
+    """`config.model` as a Qwen3Config; with `hf_config` set, the architecture comes from that config.json."""
+    fields = m.to_dict()
+    hf_config = fields.pop("hf_config", "")
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(Qwen3Config)})
+    if unknown:
+        raise ValueError(f"config.model has fields Qwen3Config does not know: {unknown}")
+    if hf_config:
+        return Qwen3Config.from_hf(hf_config, **{k: fields[k] for k in RUNTIME_FIELDS if k in fields})
+    return Qwen3Config(**fields)
+
+
+def mesh_sizes(mesh: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Mesh axis sizes for `num_devices`, resolving the one axis that may be -1 (as sharding.make_mesh does)."""
+    sizes = {a: int(mesh[a]) for a in sharding.MESH_AXES}
+    bad = {a: s for a, s in sizes.items() if s == 0 or s < -1}
+    if bad:
+        raise ValueError(f"mesh sizes must be positive or -1, got {bad}")
+    fill = [a for a, s in sizes.items() if s == -1]
+    if len(fill) > 1:
+        raise ValueError(f"only one mesh axis may be -1, got mesh.{' and mesh.'.join(fill)}")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if fill:
+        if num_devices % fixed:
+            raise ValueError(f"{num_devices} devices are not divisible by the fixed mesh axes' product {fixed} "
+                             f"({_show(sizes)})")
+        sizes[fill[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ValueError(f"mesh {_show(sizes)} has {fixed} devices but there are {num_devices}")
+    return sizes
+
+
+def _show(sizes: dict[str, int]) -> str:
+    return " ".join(f"{a}={s}" for a, s in sizes.items())
+
+
+def _shards(logical: str, sizes: dict[str, int]) -> tuple[int, str]:
+    """How many ways the rules split a logical axis on this mesh, and over which mesh axes (for messages)."""
+    rule = sharding.RULES[logical]
+    axes = () if rule is None else (rule,) if isinstance(rule, str) else tuple(rule)
+    return math.prod(sizes[a] for a in axes), "*".join(f"mesh.{a}" for a in axes)
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
+             num_processes: int | None = None) -> dict[str, int]:
+    """Check a run config against itself and the device count; return the resolved mesh sizes.
+
+    Raises ValueError listing every problem found. Loss and reward names are checked where they are looked up."""
+    n = jax.device_count() if num_devices is None else num_devices
+    procs = jax.process_count() if num_processes is None else num_processes
+    sizes = mesh_sizes(config.mesh, n)
+    cfg = model_config_from(config.model)
+    rl = config.rl
+    errors = []
+
+    if rl.group_size < 2:
+        errors.append(f"rl.group_size={rl.group_size}: group advantages need at least 2 completions per prompt")
+    if rl.prompts_per_step % procs:
+        errors.append(f"rl.prompts_per_step={rl.prompts_per_step} is not divisible by the {procs} processes "
+                      "(each loads its share of prompts)")
+    rows = rl.prompts_per_step * rl.group_size
+    batch_shards = math.prod(sizes[a] for a in BATCH_AXES)
+    if rl.minibatches < 1 or rows % rl.minibatches:
+        errors.append(f"rl.prompts_per_step*rl.group_size = {rl.prompts_per_step}*{rl.group_size} = {rows} "
+                      f"is not divisible by rl.minibatches={rl.minibatches}")
+    elif (rows // rl.minibatches) % batch_shards:
+        errors.append(f"a minibatch of {rows // rl.minibatches} sequences (rl.prompts_per_step*rl.group_size/"
+                      f"rl.minibatches) is not divisible by the {batch_shards} batch shards "
+                      f"(mesh.data*mesh.fsdp*mesh.expert = {'*'.join(str(sizes[a]) for a in BATCH_AXES)})")
+    if not 0 <= rl.eps_low < 1 or rl.eps_high < 0:
+        errors.append(f"rl.eps_low={rl.eps_low} must be in [0, 1) and rl.eps_high={rl.eps_high} >= 0")
+    seq = config.data.max_prompt_len + rl.max_new_tokens
+    if seq > cfg.max_position_embeddings:
+        errors.append(f"data.max_prompt_len + rl.max_new_tokens = {config.data.max_prompt_len} + "
+                      f"{rl.max_new_tokens} = {seq} exceeds model.max_position_embeddings="
+                      f"{cfg.max_position_embeddings}")
+
+    # Every sharded parameter dimension must divide evenly over the mesh axes its rule names.
+    dims = {"vocab": cfg.vocab_size, "embed": cfg.hidden_size, "heads": cfg.num_heads,
+            "kv_heads": cfg.num_kv_heads}
+    fields = {"vocab": "vocab_size", "embed": "hidden_size", "heads": "num_heads", "kv_heads": "num_kv_heads",
+              "mlp": "intermediate_size", "experts": "num_experts", "expert_mlp": "moe_intermediate_size"}
+    kinds = {moe for moe, _ in cfg.segments()}
+    if False in kinds:
+        dims["mlp"] = cfg.intermediate_size
+    if True in kinds:
+        dims.update(experts=cfg.num_experts, expert_mlp=cfg.moe_intermediate_size)
+    for logical, size in dims.items():
+        ways, axes = _shards(logical, sizes)
+        if size % ways:
+            errors.append(f"model.{fields[logical]}={size} is not divisible by {axes}={ways} "
+                          f"(the '{logical}' axis is sharded over it)")
+    if errors:
+        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+    return sizes

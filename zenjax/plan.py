@@ -1,0 +1,280 @@
+"""What a config costs before it runs: parameters, FLOPs per token and per-device memory on its mesh.
+
+    python -m zenjax.plan --config=configs/next.py [--config.mesh.expert=8 ...] [--devices=64] [--chip=v5p]
+
+Nothing is allocated: the model and the trainer's sharded train state are built with nnx.eval_shape /
+jax.eval_shape on an abstract mesh, with shardings from the same logical rules the trainer uses.
+
+Notation: L layers, H query and K kv heads of width D, E hidden, V vocab, F dense / f expert SwiGLU width,
+X experts of which k per token, S = data.max_prompt_len + rl.max_new_tokens, b bytes of the compute dtype,
+t = mesh.tensor.
+- Training FLOPs per token = 6 N + 12 L H D S. N counts the parameters of every matmul a token passes through:
+  attention, router, its k experts (or the dense MLP) and the LM head (counted even when tied: the logits matmul
+  runs either way), not the embedding lookup or norm scales. 12 L H D S is QK^T and PV (4 H D S per layer
+  forward, x3 with backward) over the whole S, because the attention computes the full masked score matrix.
+  Remat adds one more forward (2 N + 4 L H D S) of hardware FLOPs, not counted.
+- Activations kept for backward, bytes per token per layer:
+  E (8 + 6 b)               two RMSNorms keep float32 inputs; norm outputs, attention and MLP outputs, residuals
+  + b (4 H D + 4 K D) / t   q and k (projected, normed, rotated), v, the attention context
+  + (4 + b) H S / t         float32 scores and compute-dtype probabilities over the whole sequence
+  + 4 F b / t               dense SwiGLU: gate, up, silu, product
+  | k (E b + 4 f b / t) + 8 X    MoE: k dispatched copies of the token and their SwiGLU, float32 router logits/probs
+  Without remat all L layers are kept; with remat each layer keeps only its input (E b) and one layer at a time
+  is recomputed. Both add the LM-head chunk: float32 logits, softmax and gradient of rl.logprob_chunk tokens.
+- Per device: params, gradients and optimizer state are summed over shard shapes of the real train state.
+  Peak = params + optimizer state + the largest of (gradients + training activations), the old-log-prob forward
+  over the whole rollout batch (one layer live), and the rollout KV cache (2 L S K D b per sequence).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags
+from flax import nnx
+from jax.sharding import AbstractMesh, Mesh
+from ml_collections import config_flags
+
+from zenjax import sharding
+from zenjax.config import BATCH_AXES, model_config_from, validate
+from zenjax.models import Qwen3, Qwen3Config
+from zenjax.train_state import abstract_state, make_optimizer
+
+GB = 1e9
+# HBM per chip in GB (vendor figures; XLA needs some of it for its own buffers).
+CHIPS = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "a100": 80, "h100": 80, "h200": 141, "b200": 180}
+HEADROOM = 0.9  # above this fraction of a chip's memory, warn that it is tight
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCount:
+    total: int  # every parameter once (a tied head is the embedding)
+    active: int  # what one token uses: all but the experts it is not routed to
+    embedding: int
+    lm_head: int  # 0 when tied
+    experts: int  # all experts' SwiGLU weights
+    experts_active: int  # k of X of them
+    matmul_active: int  # N of the FLOP formula
+
+    @property
+    def non_embedding(self) -> int:
+        return self.total - self.embedding - self.lm_head
+
+
+def abstract_model(cfg: Qwen3Config) -> Qwen3:
+    return nnx.eval_shape(lambda: Qwen3(cfg, rngs=nnx.Rngs(0)))
+
+
+def count_params(cfg: Qwen3Config) -> ParamCount:
+    """Counts from the abstract model's parameters, classified by their logical axis names."""
+    state = nnx.state(abstract_model(cfg), nnx.Param)
+    axes = nnx.to_pure_dict(nnx.get_partition_spec(state))
+    shapes = nnx.to_pure_dict(state)
+    sums = {"embedding": 0, "lm_head": 0, "experts": 0, "norms": 0, "other": 0}
+
+    def add(path, spec, leaf):
+        top = path[0].key
+        kind = ("embedding" if top == "embed" else "lm_head" if top == "lm_head"
+                else "experts" if "expert_mlp" in spec else "norms" if spec[-1] == "norm" else "other")
+        sums[kind] += math.prod(leaf.shape)
+
+    jax.tree_util.tree_map_with_path(add, axes, shapes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    experts_active = sums["experts"] * cfg.num_experts_per_tok // cfg.num_experts if cfg.num_experts else 0
+    total = sum(sums.values())
+    return ParamCount(
+        total=total, active=total - sums["experts"] + experts_active, embedding=sums["embedding"],
+        lm_head=sums["lm_head"], experts=sums["experts"], experts_active=experts_active,
+        matmul_active=sums["other"] + experts_active + cfg.vocab_size * cfg.hidden_size)
+
+
+def train_flops_per_token(cfg: Qwen3Config, seq_len: int, counts: ParamCount | None = None) -> float:
+    """6 N + 12 L H D S (see the module docstring)."""
+    counts = counts or count_params(cfg)
+    return 6 * counts.matmul_active + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+
+
+def _layer_bytes(cfg: Qwen3Config, moe: bool, seq_len: int, tensor: int) -> float:
+    """Activation bytes one token keeps for backward in one layer (module docstring)."""
+    b = jnp.dtype(cfg.dtype).itemsize
+    E, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    out = E * (8 + 6 * b) + b * (4 * H * D + 4 * K * D) / tensor + (4 + b) * H * seq_len / tensor
+    if moe:
+        k = cfg.num_experts_per_tok
+        return out + k * (E * b + 4 * cfg.moe_intermediate_size * b / tensor) + 8 * cfg.num_experts
+    return out + 4 * cfg.intermediate_size * b / tensor
+
+
+def activation_bytes(cfg: Qwen3Config, rows: int, seq_len: int, *, tensor: int = 1, chunk: int = 512,
+                     remat: bool) -> float:
+    """Training activations of `rows` sequences on one device (module docstring)."""
+    b = jnp.dtype(cfg.dtype).itemsize
+    kinds = [(moe, n) for moe, n in cfg.segments()]
+    head = rows * min(chunk, seq_len) * cfg.vocab_size / tensor * 4 * 3
+    if remat:
+        one = max(_layer_bytes(cfg, moe, seq_len, tensor) for moe, _ in kinds)
+        return rows * seq_len * (cfg.num_layers * cfg.hidden_size * b + one) + head
+    return rows * seq_len * sum(n * _layer_bytes(cfg, moe, seq_len, tensor) for moe, n in kinds) + head
+
+
+def logprob_forward_bytes(cfg: Qwen3Config, rows: int, seq_len: int, *, tensor: int = 1, chunk: int = 512) -> float:
+    """Old log-probs: a forward over the whole rollout batch, one layer's activations live at a time."""
+    b = jnp.dtype(cfg.dtype).itemsize
+    one = max(_layer_bytes(cfg, moe, seq_len, tensor) for moe, _ in cfg.segments())
+    return rows * seq_len * (one + 2 * cfg.hidden_size * b) + rows * min(chunk, seq_len) * cfg.vocab_size / tensor * 8
+
+
+def kv_cache_bytes(cfg: Qwen3Config, rows: int, seq_len: int, *, tensor: int = 1) -> float:
+    return 2 * cfg.num_layers * rows * seq_len * cfg.num_kv_heads / tensor * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, mesh: Mesh | AbstractMesh):
+    """The trainer's (abstract params, abstract optimizer state), each leaf a ShapeDtypeStruct with its sharding."""
+    cfg = model_config_from(config.model)
+    tx, _ = make_optimizer(config.optim, config.steps * config.rl.minibatches)
+    _, params, opt_state, _, _ = abstract_state(cfg, tx, mesh, config.seed)
+    return params, opt_state
+
+
+def device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    name: str
+    cfg: Qwen3Config
+    counts: ParamCount
+    mesh: dict[str, int]
+    seq_len: int
+    rollout_rows: int  # sequences per rollout batch (all devices)
+    minibatch_rows: int  # sequences per update (all devices)
+    flops_per_token: float
+    params: int  # bytes per device from here on
+    grads: int
+    opt_state: int
+    activations: float  # with the config's remat setting
+    activations_other: float  # with it flipped
+    logprob_forward: float
+    kv_cache: float
+    chip: str | None
+
+    @property
+    def devices(self) -> int:
+        return math.prod(self.mesh.values())
+
+    @property
+    def batch_shards(self) -> int:
+        return math.prod(self.mesh[a] for a in BATCH_AXES)
+
+    @property
+    def peak(self) -> float:
+        return self.params + self.opt_state + max(self.grads + self.activations, self.logprob_forward, self.kv_cache)
+
+    def warnings(self) -> list[str]:
+        if self.chip is None:
+            return []
+        cap = CHIPS[self.chip] * GB
+        if self.peak > cap:
+            return [f"does not fit: peak {self.peak / GB:.1f} GB > {self.chip} {CHIPS[self.chip]} GB per chip"]
+        if self.peak > HEADROOM * cap:
+            return [f"tight: peak {self.peak / GB:.1f} GB is over {HEADROOM:.0%} of {self.chip}'s "
+                    f"{CHIPS[self.chip]} GB per chip"]
+        return []
+
+
+def plan(config: ml_collections.ConfigDict, num_devices: int | None = None, chip: str | None = None) -> Plan:
+    """All the numbers for `config` on `num_devices` (default: this host's devices, at least what the mesh's
+    fixed axes need)."""
+    if chip is not None and chip not in CHIPS:
+        raise ValueError(f"unknown chip {chip!r}; known: {', '.join(CHIPS)}")
+    if num_devices is None:
+        fixed = math.prod(max(int(config.mesh[a]), 1) for a in sharding.MESH_AXES)
+        num_devices = max(jax.device_count(), fixed)
+    sizes = validate(config, num_devices=num_devices, num_processes=1)
+    cfg = model_config_from(config.model)
+    counts = count_params(cfg)
+    mesh = AbstractMesh(tuple(sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
+    params, opt_state = abstract_train_state(config, mesh)
+    rl, t = config.rl, sizes["tensor"]
+    seq = config.data.max_prompt_len + rl.max_new_tokens
+    rollout = rl.prompts_per_step * rl.group_size
+    shards = math.prod(sizes[a] for a in BATCH_AXES)
+    mb_local = rollout // rl.minibatches // shards
+    act = {r: activation_bytes(cfg, mb_local, seq, tensor=t, chunk=rl.logprob_chunk, remat=r) for r in (True, False)}
+    return Plan(
+        name=config.name, cfg=cfg, counts=counts, mesh=sizes, seq_len=seq, rollout_rows=rollout,
+        minibatch_rows=rollout // rl.minibatches, flops_per_token=train_flops_per_token(cfg, seq, counts),
+        params=device_bytes(params), grads=device_bytes(params), opt_state=device_bytes(opt_state),
+        activations=act[cfg.remat], activations_other=act[not cfg.remat],
+        logprob_forward=logprob_forward_bytes(cfg, rollout // shards, seq, tensor=t, chunk=rl.logprob_chunk),
+        kv_cache=kv_cache_bytes(cfg, rollout // shards, seq, tensor=t), chip=chip)
+
+
+def _b(n: float) -> str:
+    return f"{n / 1e9:.3f}B"
+
+
+def _row(label: str, n: float, note: str = "") -> str:
+    return f"  {label:<30} {n / GB:8.2f}" + (f"   {note}" if note else "")
+
+
+def format_plan(p: Plan, hf_model_id: str = "") -> str:
+    cfg, c = p.cfg, p.counts
+    arch = (f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads}/{cfg.num_kv_heads} heads x "
+            f"{cfg.head_dim}, vocab {cfg.vocab_size}")
+    arch += (f", {cfg.num_experts} experts top-{cfg.num_experts_per_tok} x {cfg.moe_intermediate_size}"
+             if cfg.num_experts else f", mlp {cfg.intermediate_size}")
+    head = "tied (the embedding)" if cfg.tie_embeddings else _b(c.lm_head)
+    lines = [
+        f"{p.name}" + (f" ({hf_model_id})" if hf_model_id else ""),
+        f"  {arch}",
+        f"parameters   total {_b(c.total)} ({c.total:,})   active {_b(c.active)} ({c.active:,})",
+        f"  embedding {_b(c.embedding)}   lm head {head}   non-embedding {_b(c.non_embedding)}",
+    ]
+    if cfg.num_experts:
+        lines.append(f"  experts {_b(c.experts)}, active {_b(c.experts_active)}")
+    step_tokens = p.rollout_rows * p.seq_len
+    lines += [
+        f"training FLOPs/token  {p.flops_per_token / 1e9:.2f} GFLOP = 6 x {_b(c.matmul_active)} + 12 x "
+        f"{cfg.num_layers} x {cfg.num_heads} x {cfg.head_dim} x {p.seq_len}",
+        f"  per GSPO step (gradient passes over {p.rollout_rows} x {p.seq_len} tokens): "
+        f"{p.flops_per_token * step_tokens / 1e15:.1f} PFLOP",
+        f"mesh  {' '.join(f'{a}={s}' for a, s in p.mesh.items())}  ({p.devices} devices, batch over {p.batch_shards})",
+        f"  sequence {p.seq_len}; rollout {p.rollout_rows} seqs ({p.rollout_rows // p.batch_shards}/device); "
+        f"minibatch {p.minibatch_rows} ({p.minibatch_rows // p.batch_shards}/device)",
+        "per-device memory (GB)",
+        _row(f"params ({cfg.param_dtype})", p.params),
+        _row("gradients", p.grads),
+        _row("optimizer state", p.opt_state),
+        _row(f"activations, remat {'on' if cfg.remat else 'off'}", p.activations,
+             f"(remat {'off' if cfg.remat else 'on'}: {p.activations_other / GB:.2f})"),
+        _row("old log-prob forward", p.logprob_forward),
+        _row(f"rollout KV cache ({cfg.dtype})", p.kv_cache),
+        _row("peak", p.peak),
+    ]
+    if p.chip:
+        lines.append(f"{p.chip}: {CHIPS[p.chip]} GB per chip, peak uses {p.peak / (CHIPS[p.chip] * GB):.0%}")
+    lines += [f"WARNING: {w}" for w in p.warnings()]
+    return "\n".join(lines)
+
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "ml_collections config file[:arg].", lock_config=True)
+flags.DEFINE_integer("devices", None, "devices to plan for (default: this host's, at least the mesh's fixed axes)")
+flags.DEFINE_enum("chip", None, list(CHIPS), "accelerator: warn when the peak does not fit its memory")
+
+
+def main(argv: list[str]) -> Any:
+    del argv
+    if FLAGS.config is None:
+        raise app.UsageError("--config=configs/<family>.py[:tiny] is required")
+    print(format_plan(plan(FLAGS.config, FLAGS.devices, FLAGS.chip), FLAGS.config.hf_model_id))
+
+
+if __name__ == "__main__":
+    app.run(main)

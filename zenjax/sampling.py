@@ -1,0 +1,156 @@
+"""Batched generation with a KV cache: one prefill per distinct prompt, then a decode loop inside jit.
+
+`sample` validates on the host and left-pads the prompts to a length bucket, so new prompt lengths rarely
+recompile. The jitted function prefills the P prompts once, repeats the cache `num_samples` times along the
+batch, and runs a `lax.while_loop` that stops when every row has emitted an EOS or the budget is spent.
+
+`logprobs` are log-probabilities under the raw model distribution (temperature 1, no top-k/top-p truncation),
+in float32: what GSPO/GRPO need as the old-policy log-probs, whatever sampling settings produced the tokens.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from zenjax.models.qwen3 import KVCache, LayerCache, Qwen3
+from zenjax.sharding import constrain
+
+BUCKET = 32  # prompts are left-padded to a multiple of this many tokens
+
+
+class SampleOutput(NamedTuple):
+    """N = num_prompts * num_samples rows ordered [p0 s0..s(n-1), p1 s0.., ...]."""
+    prompt_tokens: jax.Array  # [N, Lp] int32, left-padded with pad_id
+    prompt_mask: jax.Array  # [N, Lp] bool
+    tokens: jax.Array  # [N, max_new] int32 completion, pad_id after the end
+    mask: jax.Array  # [N, max_new] bool, True for generated tokens up to and including the EOS
+    logprobs: jax.Array  # [N, max_new] float32 raw-model log p(token), 0 where mask is False
+
+
+def sample(model: Qwen3, prompts: Sequence[Sequence[int]], *, num_samples: int = 1, max_new_tokens: int,
+           rng: jax.Array | None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           eos_ids: Sequence[int] = (), pad_id: int = 0, greedy: bool = False,
+           cache_len: int | None = None) -> SampleOutput:
+    """Generate `num_samples` completions of up to `max_new_tokens` tokens for each prompt.
+
+    Sampling draws from softmax(logits / temperature) restricted to the `top_k` most likely tokens (0 = all)
+    and then to the smallest set whose probability reaches `top_p` (transformers' order and rule); `greedy`
+    takes the argmax. `cache_len` fixes the KV-cache length (default: padded prompt + max_new_tokens), so
+    callers with varying prompt lengths can share one compiled function.
+    """
+    cfg = model.cfg
+    V = cfg.vocab_size
+    if not prompts:
+        raise ValueError("sample: empty batch (no prompts)")
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError(f"sample: prompt {lengths.index(0)} is empty; every prompt needs at least one token")
+    if num_samples < 1 or max_new_tokens < 1:
+        raise ValueError(f"sample: num_samples={num_samples} and max_new_tokens={max_new_tokens} must be >= 1")
+    for i, p in enumerate(prompts):
+        bad = [t for t in p if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"sample: prompt {i} has token ids {bad[:5]} outside the vocabulary [0, {V})")
+    eos_ids = tuple(int(e) for e in eos_ids)
+    for name, ids in (("eos_ids", eos_ids), ("pad_id", (pad_id,))):
+        if any(not 0 <= t < V for t in ids):
+            raise ValueError(f"sample: {name}={ids} outside the vocabulary [0, {V})")
+    if not greedy:
+        if not temperature > 0:
+            raise ValueError(f"sample: temperature={temperature} must be > 0 (use greedy=True for argmax)")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"sample: top_p={top_p} must be in (0, 1]")
+        if not 0 <= top_k <= V:
+            raise ValueError(f"sample: top_k={top_k} must be in [0, vocab_size={V}]")
+        if rng is None:
+            raise ValueError("sample: rng is required unless greedy=True")
+    longest = max(lengths)
+    if longest + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"sample: prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
+                         f"max_position_embeddings={cfg.max_position_embeddings}")
+    padded = -(-longest // BUCKET) * BUCKET
+    if cache_len is None:
+        cache_len = padded + max_new_tokens
+    elif longest + max_new_tokens > cache_len:
+        raise ValueError(f"sample: prompt of {longest} tokens + max_new_tokens={max_new_tokens} does not fit "
+                         f"cache_len={cache_len}")
+    Lp = min(padded, cache_len - max_new_tokens)
+
+    tokens_PL = np.full((len(prompts), Lp), pad_id, np.int32)
+    mask_PL = np.zeros((len(prompts), Lp), bool)
+    for i, p in enumerate(prompts):
+        tokens_PL[i, Lp - len(p):] = p
+        mask_PL[i, Lp - len(p):] = True
+    graphdef, state = nnx.split(model)
+    rng = jax.random.key(0) if rng is None else rng
+    return _generate(graphdef, state, tokens_PL, mask_PL, rng, jnp.float32(temperature if not greedy else 1.0),
+                     jnp.float32(top_p), jnp.int32(pad_id), num_samples=num_samples, max_new=max_new_tokens,
+                     cache_len=cache_len, greedy=greedy, top_k=0 if greedy else top_k,
+                     use_top_p=not greedy and top_p < 1, eos_ids=eos_ids)
+
+
+def _choose(logits_NV, key, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool):
+    if greedy:
+        return jnp.argmax(logits_NV, axis=-1).astype(jnp.int32)
+    scaled_NV = logits_NV / temperature
+    if not top_k and not use_top_p:
+        return jax.random.categorical(key, scaled_NV).astype(jnp.int32)
+    vals_NK, idx_NK = jax.lax.top_k(scaled_NV, top_k or scaled_NV.shape[-1])  # descending
+    if use_top_p:  # keep a token while the probability of the tokens ranked above it is < top_p
+        probs_NK = jax.nn.softmax(vals_NK, axis=-1)
+        before_NK = jnp.cumsum(probs_NK, axis=-1) - probs_NK
+        vals_NK = jnp.where(before_NK < top_p, vals_NK, -jnp.inf)
+    choice_N = jax.random.categorical(key, vals_NK)
+    return jnp.take_along_axis(idx_NK, choice_N[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "max_new", "cache_len", "greedy", "top_k",
+                                             "use_top_p", "eos_ids"))
+def _generate(graphdef, state, prompt_PL, pmask_PL, rng, temperature, top_p, pad_id, *, num_samples, max_new,
+              cache_len, greedy, top_k, use_top_p, eos_ids):
+    model = nnx.merge(graphdef, state)
+    P, _ = prompt_PL.shape
+    N = P * num_samples
+    rep = functools.partial(jnp.repeat, repeats=num_samples)
+
+    out = model.hidden(prompt_PL, pmask_PL, cache=KVCache.init(model.cfg, P, cache_len))
+    logits_NV = rep(model.logits(out.hidden_BTE[:, -1:])[:, 0], axis=0)
+    kv_axes = (None, "batch", None, "act_kv_heads", None)
+    cache = KVCache(tuple(LayerCache(constrain(rep(c.k, axis=1), kv_axes), constrain(rep(c.v, axis=1), kv_axes))
+                          for c in out.cache.layers),
+                    rep(out.cache.valid_BS, axis=0), out.cache.index)
+    next_pos_N = rep(pmask_PL.sum(axis=1, dtype=jnp.int32), axis=0)  # position of the first new token
+    eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
+
+    def emit(t, logits_NV, done_N, tokens_NM, mask_NM, logp_NM):
+        """Choose token t for the rows still running; rows that are done get pad and mask 0."""
+        tok_N = _choose(logits_NV, jax.random.fold_in(rng, t), temperature, top_p, greedy=greedy, top_k=top_k,
+                        use_top_p=use_top_p)
+        logp_N = jnp.take_along_axis(jax.nn.log_softmax(logits_NV / temperature, axis=-1), tok_N[:, None], axis=-1)[:, 0]
+        live_N = ~done_N
+        tokens_NM = tokens_NM.at[:, t].set(jnp.where(live_N, tok_N, pad_id))
+        mask_NM = mask_NM.at[:, t].set(live_N)
+        logp_NM = logp_NM.at[:, t].set(jnp.where(live_N, logp_N, 0.0))
+        done_N = done_N | (live_N & jnp.isin(tok_N, eos))
+        return tok_N, done_N, tokens_NM, mask_NM, logp_NM
+
+    init = emit(0, logits_NV, jnp.zeros(N, bool), jnp.full((N, max_new), pad_id, jnp.int32),
+                jnp.zeros((N, max_new), bool), jnp.zeros((N, max_new), jnp.float32))
+
+    def cond(carry):
+        t, _, _, done_N, *_ = carry
+        return (t < max_new) & ~jnp.all(done_N)
+
+    def body(carry):
+        t, cache, tok_N, done_N, tokens_NM, mask_NM, logp_NM = carry
+        out = model.hidden(tok_N[:, None], positions_BT=(next_pos_N + t - 1)[:, None], cache=cache)
+        logits_NV = model.logits(out.hidden_BTE)[:, 0]
+        return (t + 1, out.cache, *emit(t, logits_NV, done_N, tokens_NM, mask_NM, logp_NM))
+
+    _, _, _, _, tokens_NM, mask_NM, logp_NM = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, *init))
+    return SampleOutput(rep(prompt_PL, axis=0), rep(pmask_PL, axis=0), tokens_NM, mask_NM, logp_NM)

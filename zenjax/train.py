@@ -1,0 +1,218 @@
+"""GSPO training: `python -m zenjax.train --config=configs/next.py[:tiny] --workdir=DIR [--config.a.b=v]`.
+
+Each step: P prompts -> G completions each (sampler) -> rewards -> group advantages -> old-policy log-probs
+-> M minibatch updates (later minibatches are off-policy, so the clip matters). Checkpoints every N steps,
+at the end and on SIGTERM/SIGINT; a restart with the same workdir resumes exactly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from zenjax import distributed, sharding
+from zenjax.checkpoint import Checkpointer, install_signal_handlers
+from zenjax.config import model_config_from, validate
+from zenjax.data import PromptLoader, eval_items
+from zenjax.metrics import MetricsWriter
+from zenjax.rl import rewards, rollout
+from zenjax.tokenizer import load_tokenizer
+from zenjax.train_state import RLHyper, State, abstract_state, init_state, make_functions, make_optimizer, \
+    make_sft_step
+
+config_flags.DEFINE_config_file("config", "configs/next.py:tiny", "ml_collections config file[:arg].",
+                                lock_config=True)
+flags.DEFINE_string("workdir", "runs/default", "Checkpoints, metrics and plots go here.")
+flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs without a cluster manager).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+FLAGS = flags.FLAGS
+
+
+def _put(tree, mesh):
+    """Host batch -> arrays sharded over the batch axes (each process passes its rows in multi-host runs)."""
+    def one(x):
+        x = np.asarray(x)
+        sh = sharding.batch_sharding(mesh, x.ndim)
+        return jax.make_array_from_process_local_data(sh, x)
+    return jax.tree.map(one, tree)
+
+
+def _minibatches(batch: dict, m: int):
+    n = len(batch["adv"])
+    size = n // m
+    for i in range(m):
+        yield {k: v[i * size:(i + 1) * size] for k, v in batch.items()}
+
+
+def _sft_batch(items, tokenizer):
+    """prompt + reference answer + EOS, right-padded; the target mask covers the answer and EOS."""
+    seqs = [it["prompt_ids"] + tokenizer.encode(it["answer"]) + [tokenizer.eos_ids[0]] for it in items]
+    starts = [len(it["prompt_ids"]) for it in items]
+    T = max(map(len, seqs))
+    tokens = np.full((len(seqs), T), tokenizer.pad_id, np.int32)
+    mask = np.zeros((len(seqs), T), bool)
+    target = np.zeros((len(seqs), T - 1), np.float32)
+    for i, (s, p) in enumerate(zip(seqs, starts)):
+        tokens[i, :len(s)], mask[i, :len(s)] = s, True
+        target[i, p - 1:len(s) - 1] = 1.0
+    return tokens, mask, target
+
+
+def evaluate(state: State, items, tokenizer, config, rng) -> float:
+    out = rollout.generate(state.model(), items, tokenizer, config.rl, rng, num_samples=1, greedy=True)
+    r, _ = rewards.score(rollout.decode(tokenizer, out), items, dict(config.rewards))
+    return float(np.mean(r))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+    """Run (or resume) a GSPO job; returns the per-step metrics of this invocation."""
+    validate(config)
+    cfg = model_config_from(config.model)
+    rl = config.rl
+    main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(cfg.to_hf(), f, indent=1)
+        with open(os.path.join(workdir, "run_config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=1))
+    mesh = sharding.make_mesh(**config.mesh)
+    tokenizer = load_tokenizer(config.tokenizer)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={cfg.vocab_size}")
+    updates_per_step = rl.minibatches
+    tx, schedule = make_optimizer(config.optim, config.steps * updates_per_step // config.optim.grad_accum)
+    hyper = RLHyper(rl.loss, rl.eps_low, rl.eps_high, rl.kl_coef, rl.logprob_chunk,
+                    cfg.router_aux_loss_coef, cfg.router_z_loss_coef)
+    stop = install_signal_handlers()
+    ckpt = Checkpointer(workdir, keep=config.keep_checkpoints,
+                        save_every=config.checkpoint_every)
+    key = jax.random.key(config.seed)
+    P = rl.prompts_per_step // jax.process_count()
+    loader = PromptLoader(config.data, tokenizer, batch_size=P, seed=config.seed,
+                          process_index=jax.process_index(), process_count=jax.process_count())
+    held_out = [dict(it, prompt_ids=tokenizer.encode_prompt(it["prompt"])) for it in eval_items(config.data)]
+
+    with jax.set_mesh(mesh):
+        graphdef, abs_params, abs_opt, param_sh, opt_sh = abstract_state(cfg, tx, mesh, config.seed)
+        restored = ckpt.restore(abs_params, abs_opt)
+        if restored is not None:
+            start, params, opt_state, meta = restored
+            state = State(graphdef, params, opt_state, param_sh, opt_sh)
+            loader.set_state(meta["data"])
+            logging.info("resumed from step %d", start)
+        else:
+            start, meta = 0, {}
+            params = None
+            if config.init_from:
+                from zenjax.weights import load_weights  # noqa: PLC0415
+
+                _, params = load_weights(config.init_from, mesh=mesh, dtype=cfg.param_dtype)
+            state = init_state(cfg, tx, mesh, config.seed, params)
+        writer = MetricsWriter(workdir, config.steps, start, enabled=main)
+        logprobs_fn, update_fn = make_functions(state, cfg, tx, hyper, mesh, schedule)
+
+        if start == 0 and not meta.get("sft_done") and rl.sft_steps:
+            state = _warm_up(state, config, tokenizer, mesh, writer)
+            ckpt.save(0, state.params, state.opt_state, {"data": loader.get_state(), "sft_done": True}, force=True)
+
+        # Frozen reference policy for the KL penalty (a copy: the update donates the live params' buffers).
+        ref_params = jax.tree.map(jnp.copy, state.params) if rl.kl_coef > 0 else None
+        history, bad_in_a_row = [], 0
+        for step in range(start, config.steps):
+            t0 = time.perf_counter()
+            items = next(loader)
+            rng = jax.random.fold_in(key, step)
+            batch, metrics, _ = rollout.collect(state.model(), items, tokenizer, rl, config.rewards, rng)
+            t1 = time.perf_counter()
+            tokens, mask = _put((batch["tokens"], batch["mask"]), mesh)
+            old_logp, old_topk = logprobs_fn(state.params, tokens, mask)
+            if rl.old_logprobs == "sampler":
+                old_logp = _put(batch["sampler_logp"], mesh)
+            batch["old_logp"] = np.asarray(jax.device_get(old_logp))
+            if old_topk is not None:
+                batch["old_topk"] = np.asarray(jax.device_get(old_topk))
+            if ref_params is not None:
+                batch["ref_logp"] = np.asarray(jax.device_get(logprobs_fn(ref_params, tokens, mask)[0]))
+            del batch["sampler_logp"]
+            t2 = time.perf_counter()
+            mb_metrics = []
+            for i, mb in enumerate(_minibatches(batch, rl.minibatches)):
+                state.params, state.opt_state, m = update_fn(state.params, state.opt_state, _put(mb, mesh),
+                                                             step * rl.minibatches + i)
+                mb_metrics.append(m)
+            mb_metrics = jax.device_get(mb_metrics)
+            t3 = time.perf_counter()
+            finite = all(m["finite"] > 0 for m in mb_metrics)
+            bad_in_a_row = 0 if finite else bad_in_a_row + 1
+            for k in mb_metrics[0]:
+                metrics[k] = float(np.mean([m[k] for m in mb_metrics]))
+            metrics["skipped_updates"] = sum(m["finite"] == 0 for m in mb_metrics)
+            n_tok = batch["mask"].sum()
+            metrics.update(time_logprobs=t2 - t1, time_updates=t3 - t2, time_step=t3 - t0,
+                           tok_per_s=float(n_tok * (rl.minibatches + 1) / max(t3 - t1, 1e-9)),
+                           sampled_tok_per_s=metrics["sampled_tokens"] / max(metrics["time_sampling"], 1e-9))
+            if config.eval_every and (step + 1) % config.eval_every == 0:
+                metrics["eval_reward"] = evaluate(state, held_out, tokenizer, config, jax.random.key(0))
+            writer.write(step + 1, metrics)
+            history.append(dict(metrics, step=step + 1))
+            if bad_in_a_row >= config.optim.max_bad_steps:
+                writer.log(f"stopping: {bad_in_a_row} steps in a row had a non-finite loss or gradient")
+                ckpt.save(step + 1, state.params, state.opt_state, {"data": loader.get_state(), "sft_done": True},
+                          force=True)
+                raise FloatingPointError(f"{bad_in_a_row} consecutive non-finite updates at step {step + 1}")
+            stopping = stop()
+            ckpt.save(step + 1, state.params, state.opt_state, {"data": loader.get_state(), "sft_done": True},
+                      force=stopping or step + 1 == config.steps)
+            if stopping:
+                writer.log(f"signal received: checkpoint saved at step {step + 1}, exiting")
+                break
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+    if main and history and not stop():
+        from zenjax import report  # noqa: PLC0415 - matplotlib only when a run finishes
+
+        report.plot(workdir)
+    return history
+
+
+def _warm_up(state: State, config, tokenizer, mesh, writer) -> State:
+    """A short supervised warm-up on reference answers so a from-scratch tiny model gets non-zero rewards."""
+    rl = config.rl
+    sft_tx, _ = make_optimizer(ml_collections.ConfigDict(dict(config.optim, lr=rl.sft_lr, grad_accum=1)),
+                               rl.sft_steps)
+    sft_state = init_state(model_config_from(config.model), sft_tx, mesh, config.seed, state.params)
+    step_fn = make_sft_step(sft_state, sft_tx)
+    loader = PromptLoader(config.data, tokenizer, batch_size=rl.prompts_per_step * rl.group_size // jax.process_count(),
+                          seed=config.seed + 1, process_index=jax.process_index(),
+                          process_count=jax.process_count())
+    params, opt_state = sft_state.params, sft_state.opt_state
+    for i in range(rl.sft_steps):
+        tokens, mask, target = _put(_sft_batch(next(loader), tokenizer), mesh)
+        params, opt_state, loss = step_fn(params, opt_state, tokens, mask, target)
+        if (i + 1) % max(rl.sft_steps // 5, 1) == 0:
+            writer.log(f"warm-up {i + 1}/{rl.sft_steps}: cross-entropy {float(loss):.3f}")
+    state.params = params  # the GSPO optimizer state starts fresh: warm-up moments belong to another objective
+    return state
+
+
+def main(argv):
+    del argv
+    distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax reports every file at INFO
+    train(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,165 @@
+"""Sharded train state and the jitted functions the RL loop calls: log-probs, policy update, SFT warm-up.
+
+Params are the pure nested dict of the model's nnx.Param state (the same tree checkpoints and weight
+directories hold); each jitted function rebuilds the module with `nnx.merge(graphdef, params)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from zenjax import sharding
+from zenjax.models import Qwen3, Qwen3Config, sequence_logprobs
+from zenjax.rl import losses
+
+Params = Any
+
+
+def make_optimizer(o: ml_collections.ConfigDict, total_steps: int, lr: float | None = None):
+    """AdamW with warm-up + cosine decay and global-norm clipping; returns (tx, schedule)."""
+    peak = o.lr if lr is None else lr
+    warmup = min(o.warmup_steps, max(total_steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1),
+                                                  end_value=peak * o.min_lr_ratio)
+    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip),
+                     optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
+    if o.grad_accum > 1:
+        tx = optax.MultiSteps(tx, o.grad_accum)
+    return tx, schedule
+
+
+@dataclasses.dataclass
+class State:
+    """What the loop needs to run the model: static graph, sharded params and optimizer state."""
+    graphdef: Any
+    params: Params
+    opt_state: Any
+    param_shardings: Any
+    opt_shardings: Any
+
+    def model(self, params: Params | None = None) -> Qwen3:
+        return nnx.merge(self.graphdef, self.params if params is None else params)
+
+
+def abstract_state(cfg: Qwen3Config, tx, mesh: Mesh, seed: int = 0):
+    """(graphdef, abstract params, abstract opt state, param shardings, opt shardings) without allocating."""
+    # jax.eval_shape, not nnx.eval_shape: the latter turns logical names into shardings of the current mesh.
+    graphdef, abs_state = jax.eval_shape(lambda: nnx.split(Qwen3(cfg, rngs=nnx.Rngs(seed))))
+    param_sh = sharding.param_shardings(mesh, abs_state)
+    abs_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              nnx.to_pure_dict(abs_state), param_sh)
+    abs_opt = jax.eval_shape(tx.init, abs_params)
+    replicated = NamedSharding(mesh, P())
+    # Optimizer moments mirror the params they belong to; counters and other scalars are replicated.
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, param_sh,
+                                   transform_non_params=lambda _: replicated)
+    opt_sh = jax.tree.map(lambda s: replicated if s is None else s, opt_sh,
+                          is_leaf=lambda x: x is None or isinstance(x, NamedSharding))
+    abs_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_opt, opt_sh)
+    return graphdef, abs_params, abs_opt, param_sh, opt_sh
+
+
+def init_state(cfg: Qwen3Config, tx, mesh: Mesh, seed: int = 0, params: Params | None = None) -> State:
+    """Params and optimizer state created directly in their shardings (never whole on one device)."""
+    graphdef, abs_params, _, param_sh, opt_sh = abstract_state(cfg, tx, mesh, seed)
+    if params is None:
+        params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(Qwen3(cfg, rngs=nnx.Rngs(seed)))),
+                         out_shardings=param_sh)()
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    return State(graphdef, params, opt_state, param_sh, opt_sh)
+
+
+@dataclasses.dataclass(frozen=True)
+class RLHyper:
+    loss: str
+    eps_low: float
+    eps_high: float
+    kl_coef: float
+    chunk: int
+    aux_coef: float
+    z_coef: float
+
+
+def _moe_terms(model: Qwen3, aux, mask_BT):
+    """Load-balance / z losses and routing statistics of an MoE forward (nothing for dense models)."""
+    if not aux:
+        return jnp.float32(0.0), {}
+    from zenjax.models import moe  # noqa: PLC0415 - dense-only installs never need it
+
+    cfg = model.cfg
+    terms = moe.moe_losses(aux, cfg, mask_BT)
+    extra = cfg.router_aux_loss_coef * terms["aux_loss"] + cfg.router_z_loss_coef * terms["z_loss"]
+    stats = moe.routing_stats(aux, mask_BT)
+    metrics = {"aux_loss": terms["aux_loss"], "z_loss": terms["z_loss"]}
+    metrics.update({k: jnp.mean(v) for k, v in stats.items() if k != "expert_fraction"})
+    return extra, metrics
+
+
+def make_functions(state: State, cfg: Qwen3Config, tx, hyper: RLHyper, mesh: Mesh, schedule: Callable):
+    """Jitted `logprobs(params, batch)`, `update(params, opt_state, batch)` with shardings from the rules."""
+    graphdef = state.graphdef
+    loss_fn = losses.get_loss(hyper.loss)
+
+    def forward(params, tokens_NT, mask_NT):
+        model = nnx.merge(graphdef, params)
+        (logp, ent), aux = sequence_logprobs(model, tokens_NT, mask_NT, chunk=hyper.chunk, with_entropy=True)
+        return model, logp, ent, aux
+
+    @jax.jit
+    def logprobs(params, tokens_NT, mask_NT):
+        _, logp, _, aux = forward(params, tokens_NT, mask_NT)
+        topk = aux.get("topk")
+        return logp, (topk.astype(jnp.uint8) if topk is not None and cfg.num_experts <= 256 else topk)
+
+    def update(params, opt_state, batch, step):
+        def objective(params):
+            model, logp, ent, aux = forward(params, batch["tokens"], batch["mask"])
+            comp = batch["completion_mask"]
+            loss, metrics = loss_fn(logp, batch["old_logp"], batch["adv"], comp, ref_logp_BT=batch.get("ref_logp"),
+                                    eps_low=hyper.eps_low, eps_high=hyper.eps_high, kl_coef=hyper.kl_coef)
+            extra, moe_metrics = _moe_terms(model, aux, batch["mask"])
+            metrics.update(moe_metrics)
+            metrics["entropy"] = jnp.sum(ent * comp) / jnp.maximum(jnp.sum(comp), 1)
+            if "old_topk" in batch and aux:
+                from zenjax.models import moe  # noqa: PLC0415
+
+                metrics["routing_change"] = moe.routing_change({"topk": batch["old_topk"]}, aux, batch["mask"])
+            return loss + extra, metrics
+
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        grad_norm = optax.global_norm(grads)
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # A non-finite loss or gradient skips the update (counted by the loop) instead of poisoning the weights.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        metrics.update(total_loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32), lr=schedule(step))
+        return keep(new_params, params), keep(new_opt, opt_state), metrics
+
+    update = jax.jit(update, in_shardings=(state.param_shardings, state.opt_shardings, None, None),
+                     out_shardings=(state.param_shardings, state.opt_shardings, None), donate_argnums=(0, 1))
+    return logprobs, update
+
+
+def make_sft_step(state: State, tx):
+    """Supervised warm-up: mean cross-entropy of the completion tokens (reference answers)."""
+    graphdef = state.graphdef
+
+    def step(params, opt_state, tokens_NT, mask_NT, target_mask_NT):
+        def objective(params):
+            (logp, _), _ = sequence_logprobs(nnx.merge(graphdef, params), tokens_NT, mask_NT, with_entropy=True)
+            return -jnp.sum(logp * target_mask_NT) / jnp.maximum(jnp.sum(target_mask_NT), 1)
+
+        loss, grads = jax.value_and_grad(objective)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(step, in_shardings=(state.param_shardings, None, None, None, None),
+                   out_shardings=(state.param_shardings, None, None), donate_argnums=(0, 1))
