@@ -1,4 +1,4 @@
-"""Zen nano: Qwen3-0.6B (the published shapes) trained with GSPO on math; fits a v5p-16 slice (8 chips).
+"""Zen nano: Qwen3-0.6B (the published shapes) trained with GSPO on math; fits a v5p-8 slice (4 chips).
 
 `--config=configs/nano.py:tiny` is the same dense, tied-embedding family shrunk for a CPU demo.
 """

@@ -1,5 +1,5 @@
 """Zen next: a 32B-total / 8B-active Qwen3-MoE trained with GSPO on math; fits a v5p-128 slice (64 chips) as
-8-way FSDP x 8-way expert parallelism.
+16-way FSDP x 4-way expert parallelism.
 
 Shapes (Qwen3-MoE style: q width twice the hidden, head_dim 128, fine-grained top-8 experts, untied head):
 embedding + head 2 * 151936 * 4096 = 1.245B; attention 46 * 4096 * 128 * (2*64 + 2*4) = 3.280B;
@@ -40,8 +40,10 @@ def get_config(arg=None):
         decoder_sparse_step=1,  # every layer MoE
     )
     c.mesh.data = 1  # no replicas
-    c.mesh.fsdp = -1  # the rest of the slice (8 of 64 chips) shards params, grads and Adam moments
-    c.mesh.expert = 8  # 8 experts per expert shard; experts are split 64 ways in all
+    c.mesh.fsdp = -1  # the rest of the slice (16 of 64 chips) shards params, grads and Adam moments
+    # Experts are split fsdp*expert ways either way, but the dropless expert buffer holds
+    # expert * min(8, 64 / expert) rows per token (models/moe.py): 4 rather than 8 halves it (zenjax.plan).
+    c.mesh.expert = 4  # expert parallelism: 16 experts per shard
     c.optim.lr = 1e-6  # RL of a pretrained model moves slowly
     c.rl.prompts_per_step = 128  # P prompts per rollout batch
     c.rl.group_size = 8  # G completions per prompt: 1024 sequences per step

@@ -8,7 +8,7 @@
 #                    (default "python -m zenjax.train")
 #   --log-dir DIR    process I writes DIR/process_I.log instead of sharing this terminal
 #   --grace S        once one process fails, the others get S seconds to notice and exit on
-#                    their own before they are killed (default 30)
+#                    their own, then SIGTERM, then S more seconds before SIGKILL (default 30)
 #
 # Each process gets ZENJAX_COORDINATOR=127.0.0.1:<free port>, ZENJAX_NUM_PROCESSES=N and
 # ZENJAX_PROCESS_ID=I. Exits 0 if all succeed, else with the status of the first failure.
@@ -21,6 +21,7 @@ cmd="python -m zenjax.train"
 log_dir=""
 grace=30
 while [[ $# -gt 0 ]]; do
+  [[ "$1" == --*=* ]] && set -- "${1%%=*}" "${1#*=}" "${@:2}"  # --opt=value
   case "$1" in
     --devices) devices="$2"; shift 2 ;;
     --cmd) cmd="$2"; shift 2 ;;
@@ -38,13 +39,12 @@ read -r -a cmd_words <<< "$cmd"
 
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 # Replace any device count inherited from the caller (pytest asks for 8 in its own process).
-xla_flags="$(sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g' <<< "${XLA_FLAGS:-}")"
-xla_flags="${xla_flags} --xla_force_host_platform_device_count=${devices}"
+xla_flags="$(sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g; s/^ +| +$//g' <<< "${XLA_FLAGS:-}")"
+xla_flags="${xla_flags:+$xla_flags }--xla_force_host_platform_device_count=${devices}"
 
-declare -A index_of=()
 pids=()
 kill_all() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do kill -s "${1:-TERM}" "$pid" 2>/dev/null || true; done
 }
 trap kill_all EXIT
 trap 'exit 130' INT TERM
@@ -59,31 +59,34 @@ for ((i = 0; i < n; i++)); do
     exec "${cmd_words[@]}" "$@"
   ) &
   pids+=("$!")
-  index_of[$!]=$i
 done
 
+# Poll rather than `wait -n`, which can miss a process that ends together with another (seen
+# with bash 5.2 and two aborting processes) and then blocks; `wait PID` still gets its status.
 status=0
-timer=""  # a plain `sleep` child: when it ends, the grace period is over
-for ((left = n; left > 0; )); do
-  set +e
-  wait -n -p done_pid
-  rc=$?
-  set -e
-  if [[ "$done_pid" == "$timer" ]]; then
-    echo "local_multiprocess: grace period over, killing the rest" >&2
-    kill_all
-    continue
-  fi
-  left=$((left - 1))
-  echo "local_multiprocess: process ${index_of[$done_pid]} exited with status $rc" >&2
-  if [[ $rc -ne 0 && $status -eq 0 ]]; then
-    status=$rc
-    if [[ $left -gt 0 ]]; then
+deadline=""
+signal=TERM
+declare -A exit_of=()
+while [[ ${#exit_of[@]} -lt $n ]]; do
+  for ((i = 0; i < n; i++)); do
+    [[ -n "${exit_of[$i]:-}" ]] && continue
+    kill -0 "${pids[$i]}" 2>/dev/null && continue
+    rc=0
+    wait "${pids[$i]}" || rc=$?
+    exit_of[$i]=$rc
+    echo "local_multiprocess: process $i exited with status $rc" >&2
+    if [[ $rc -ne 0 && $status -eq 0 ]]; then
+      status=$rc
+      deadline=$((SECONDS + grace))
       echo "local_multiprocess: giving the other processes ${grace}s to exit" >&2
-      sleep "$grace" > /dev/null 2>&1 &
-      timer=$!
     fi
+  done
+  if [[ -n "$deadline" && $SECONDS -ge $deadline ]]; then
+    echo "local_multiprocess: grace period over, sending SIG${signal} to the rest" >&2
+    kill_all "$signal"
+    # A process may catch SIGTERM to checkpoint; one that is still there later gets SIGKILL.
+    if [[ $signal == TERM ]]; then signal=KILL deadline=$((SECONDS + grace)); else deadline=""; fi
   fi
+  sleep 0.2
 done
-[[ -n "$timer" ]] && { kill "$timer" 2>/dev/null || true; }
 exit "$status"

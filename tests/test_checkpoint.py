@@ -1,10 +1,10 @@
+import gc
 import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -31,7 +31,7 @@ def _on_mesh(x):
 def _state(seed, sharding=_on_mesh):
     """Params (nnx.to_pure_dict layout: int keys for layer lists) and an AdamW state after an update."""
     rng = np.random.default_rng(seed)
-    params = {"embed": {"embedding": rng.standard_normal((64, 32), np.float32)},
+    params = {"embed": {"embedding": rng.standard_normal((512, 256), np.float32)},
               "layers": {i: {"w": rng.standard_normal((32, 48), np.float32).astype(jnp.bfloat16),
                              "norm": rng.standard_normal((32,), np.float32)} for i in range(2)}}
     params = jax.tree.map(lambda x: jax.device_put(x, sharding(x)), params)
@@ -114,6 +114,25 @@ def test_async_save_owns_its_copy_once_save_returns(tmp_path):
     _assert_identical((params, opt_state), want)
 
 
+def test_params_only_restore_and_optimizer_state_without_arrays(tmp_path):
+    _saved(tmp_path / "adamw", [1])
+    params, opt_state, meta = _state(1)
+    ck = Checkpointer(tmp_path / "adamw")
+    step, got, no_opt_state, _ = ck.restore(_abstract(params), None)
+    ck.close()
+    assert step == 1 and no_opt_state is None
+    _assert_identical(got, params)
+    sgd_state = optax.sgd(0.1).init(params)  # nothing but EmptyState()s
+    ck = Checkpointer(tmp_path / "sgd", save_every=1)
+    assert ck.save(1, params, sgd_state, meta)
+    ck.close()
+    ck = Checkpointer(tmp_path / "sgd")
+    step, got, got_sgd_state, got_meta = ck.restore(_abstract(params), sgd_state)
+    ck.close()
+    assert got_sgd_state == sgd_state and got_meta == meta
+    _assert_identical(got, params)
+
+
 def test_empty_workdir_restores_none_and_bad_arguments_are_named(tmp_path):
     assert _restore(tmp_path) is None
     params, opt_state, meta = _state(1)
@@ -126,31 +145,45 @@ def test_empty_workdir_restores_none_and_bad_arguments_are_named(tmp_path):
     ck.close()
 
 
-def _biggest(directory: Path) -> Path:
-    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+def _data_file(step_dir: Path) -> Path:
+    """The file holding the embedding: by far the biggest array, random floats barely compress."""
+    return max((p for p in (step_dir / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
-def _truncate(path):
+def _truncate(step_dir):
+    path = _data_file(step_dir)
     os.truncate(path, path.stat().st_size // 2)
 
 
-def _flip_byte(path):
+def _flip_bit(step_dir):
+    path = _data_file(step_dir)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x40
     path.write_bytes(data)
 
 
+@pytest.fixture
+def abandoned_reads():
+    """Orbax leaves the other reads of a failed restore unawaited, and they complain when collected:
+    collect them here, under this test's filter, rather than during some later test."""
+    yield
+    gc.collect()
+
+
+ABANDONED_READS = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 DAMAGE = {
-    "truncated_data_file": lambda d: _truncate(_biggest(d / "params")),
+    "truncated_data_file": _truncate,
     "deleted_data_files": lambda d: [p.unlink() for p in (d / "opt_state").rglob("d/*")],
     "missing_item": lambda d: shutil.rmtree(d / "opt_state"),
     "garbage_meta": lambda d: (d / "meta" / "metadata").write_text('{"step": 2, "rng'),
-    "flipped_bit": lambda d: _flip_byte(_biggest(d / "params")),  # Orbax reads this back as is
+    "flipped_bit": _flip_bit,  # Orbax reads this back as is
 }
 
 
+@ABANDONED_READS
 @pytest.mark.parametrize("damage", DAMAGE)
-def test_damaged_latest_step_falls_back_to_the_previous_one(tmp_path, caplog, damage):
+def test_damaged_latest_step_falls_back_to_the_previous_one(tmp_path, caplog, damage, abandoned_reads):
     ckpt_dir = _saved(tmp_path, [1, 2])
     DAMAGE[damage](ckpt_dir / "2")
     # A killed save at a later step leaves a temporary directory behind: never a candidate.
@@ -183,7 +216,8 @@ def test_flipped_bit_is_caught_by_the_checksum_not_by_orbax(tmp_path):
         _restore(tmp_path)
 
 
-def test_nothing_restorable_is_an_error_naming_every_step(tmp_path):
+@ABANDONED_READS
+def test_nothing_restorable_is_an_error_naming_every_step(tmp_path, abandoned_reads):
     ckpt_dir = _saved(tmp_path, [1, 2])
     DAMAGE["garbage_meta"](ckpt_dir / "2")
     DAMAGE["missing_item"](ckpt_dir / "1")
@@ -193,82 +227,78 @@ def test_nothing_restorable_is_an_error_naming_every_step(tmp_path):
     assert sorted(p.name for p in ckpt_dir.iterdir() if p.name[0].isdigit()) == ["1", "2"]
 
 
-CHILD = """
-import itertools, sys, time
-import jax, numpy as np
-from zenjax.checkpoint import Checkpointer, install_signal_handlers
+CHILD_STATE = """
+import numpy as np
 
-def state(step):  # a function of the step, so any restored step can be checked
+def child_state(step):  # a function of the step, so any restored step can be checked
     rng = np.random.default_rng(step)
     params = {"w": rng.standard_normal((256, 1024), np.float32), "b": np.full((1024,), step, np.int32)}
     return params, {"m": params["w"] * 2, "count": np.int32(step)}
+"""
+exec(CHILD_STATE)
 
-def same(a, b):
-    return all(np.array_equal(np.asarray(x), np.asarray(y))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+CHILD = CHILD_STATE + """
+import itertools, sys, time
+import jax
+from zenjax.checkpoint import Checkpointer, install_signal_handlers
 
 workdir, mode = sys.argv[1], sys.argv[2]
 should_stop = install_signal_handlers()
 ck = Checkpointer(workdir, keep=2, save_every=1 if mode == "kill" else 1000)
 one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), state(0))
+abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), child_state(0))
 restored = ck.restore(*abstract)
 start = 0
 if restored:
     start, params, opt_state, meta = restored
-    assert meta == {"step": start} and same((params, opt_state), state(start)), "bad resume"
+    same = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves((params, opt_state)),
+                                                 jax.tree.leaves(child_state(start)))]
+    assert meta == {"step": start} and all(same), "bad resume"
 print("resumed", start, flush=True)
 for step in itertools.count(start + 1):
     if mode == "term":
         time.sleep(0.02)  # a training step
         if should_stop():
-            assert ck.save(step, *state(step), {"step": step}, force=True)
+            assert ck.save(step, *child_state(step), {"step": step}, force=True)
             ck.close()
             print("stopped at", step, flush=True)
             sys.exit(0)
         print("step", step, flush=True)
     else:
         print("saving", step, flush=True)
-        ck.save(step, *state(step), {"step": step})
+        ck.save(step, *child_state(step), {"step": step})
         print("saved", step, flush=True)
 """
 
 
 def _start_child(tmp_path, mode):
     script = tmp_path / "child.py"
-    script.write_text(textwrap.dedent(CHILD))
+    script.write_text(CHILD)
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "work"), mode],
-                            stdout=subprocess.PIPE, stderr=open(tmp_path / f"{mode}.err", "a"),
-                            text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     watchdog = threading.Timer(60, proc.kill)  # a hung child fails the test instead of hanging it
     watchdog.daemon = True
     watchdog.start()
     return proc
 
 
-def _read_until(proc, tmp_path, prefix):
+def _read_until(proc, prefix):
     lines = []
     while line := proc.stdout.readline():
-        lines.append(line.strip())
+        lines.append(line.rstrip())
         if line.startswith(prefix):
             return lines
     proc.wait()
-    err = next(tmp_path.glob("*.err")).read_text()[-3000:]
-    raise AssertionError(f"child exited {proc.returncode} before {prefix!r}: {lines}\n{err}")
-
-
-def _child_state(step):
-    rng = np.random.default_rng(step)
-    params = {"w": rng.standard_normal((256, 1024), np.float32), "b": np.full((1024,), step, np.int32)}
-    return params, {"m": params["w"] * 2, "count": np.int32(step)}
+    output = "\n".join(lines)[-4000:]
+    raise AssertionError(f"child exited {proc.returncode} before printing {prefix!r}:\n{output}")
 
 
 def _restore_child_work(tmp_path):
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=ONE), _child_state(0))
+    one = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=ONE)
     ck = Checkpointer(tmp_path / "work")
     try:
-        return ck.restore(*abstract)
+        return ck.restore(*jax.tree.map(one, child_state(0)))
     finally:
         ck.close()
 
@@ -276,13 +306,13 @@ def _restore_child_work(tmp_path):
 def test_killed_mid_save_resumes_from_the_latest_complete_step(tmp_path):
     # Each round restarts on the same workdir (checking its resume) and is SIGKILLed at another
     # moment of a save: while arrays are copied, while written in the background, or in between.
-    moments = [("saving", 0.0), ("saved", 0.0), ("saved", 0.06), ("saved", 0.13)]
+    moments = [("saving", 0.0), ("saved", 0.0), ("saved", 0.1)]
     committed, unfinished = 0, 0
     for trigger, delay in moments:
         proc = _start_child(tmp_path, "kill")
-        resumed = int(_read_until(proc, tmp_path, "resumed")[-1].split()[1])
+        resumed = int(_read_until(proc, "resumed")[-1].split()[1])
         assert resumed >= committed  # nothing committed is ever lost
-        lines = _read_until(proc, tmp_path, f"{trigger} {resumed + 3}")
+        lines = _read_until(proc, f"{trigger} {resumed + 3}")
         time.sleep(delay)
         proc.kill()
         proc.wait()
@@ -292,23 +322,23 @@ def test_killed_mid_save_resumes_from_the_latest_complete_step(tmp_path):
         unfinished += any(".orbax-checkpoint-tmp" in p.name for p in ckpt_dir.iterdir())
     step, params, opt_state, meta = _restore_child_work(tmp_path)
     assert step >= committed and meta == {"step": step}
-    _assert_identical((params, opt_state), _child_state(step))
+    _assert_identical((params, opt_state), child_state(step))
     assert unfinished, "no kill caught a save in flight: the test tests nothing"
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     proc = _start_child(tmp_path, "term")
-    _read_until(proc, tmp_path, "step 3")
+    _read_until(proc, "step 3")
     proc.send_signal(signal.SIGTERM)
-    lines = _read_until(proc, tmp_path, "stopped at")
+    lines = _read_until(proc, "stopped at")
     assert proc.wait(timeout=30) == 0
     stopped = int(lines[-1].split()[-1])
     step, params, opt_state, meta = _restore_child_work(tmp_path)
     assert step == stopped and meta == {"step": stopped}
-    _assert_identical((params, opt_state), _child_state(stopped))
+    _assert_identical((params, opt_state), child_state(stopped))
 
 
-def test_signal_handler_flags_then_steps_aside():
+def test_signal_handler_flags_then_gives_way():
     previous = signal.getsignal(signal.SIGUSR1)
     try:
         should_stop = install_signal_handlers((signal.SIGUSR1,))
@@ -325,11 +355,12 @@ def test_signal_handler_flags_then_steps_aside():
 MULTI = """
 import os, signal, sys
 import numpy as np
+from zenjax.checkpoint import Checkpointer, install_signal_handlers
+should_stop = install_signal_handlers()  # before jax.distributed hooks SIGTERM: must still work
 from zenjax import distributed
 distributed.initialize()
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
-from zenjax.checkpoint import Checkpointer, install_signal_handlers
 
 pid = jax.process_index()
 sharding = NamedSharding(jax.make_mesh((4,), ("fsdp",)), P("fsdp"))
@@ -339,7 +370,6 @@ def state(step):
     put = lambda x: jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
     return {"w": put(full)}, {"m": put(full * 2)}
 
-should_stop = install_signal_handlers()
 ck = Checkpointer(sys.argv[1], save_every=1000)
 for step in range(1, 50):
     if step == 3 and pid == 1:
@@ -348,17 +378,17 @@ for step in range(1, 50):
         assert ck.save(step, *state(step), {"step": step}, force=True)
         break
 abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state(0))
-restored, params, opt_state, meta = ck.restore(*abstract)
+restored_step, params, opt_state, meta = ck.restore(*abstract)
 ck.close()
-want = state(step)[0]["w"]
-same = all(np.array_equal(a.data, b.data) for a, b in zip(params["w"].addressable_shards, want.addressable_shards))
-print("process", pid, "stopped at", step, "restored", restored, meta, same, flush=True)
+shards = zip(params["w"].addressable_shards, state(step)[0]["w"].addressable_shards)
+same = all(np.array_equal(a.data, b.data) for a, b in shards)
+print("process", pid, "stopped at", step, "restored", restored_step, meta, same, flush=True)
 """
 
 
 def test_two_processes_stop_together_and_checkpoint_collectively(tmp_path):
     script = tmp_path / "multi.py"
-    script.write_text(textwrap.dedent(MULTI))
+    script.write_text(MULTI)
     r = run_processes(["python", str(script), str(tmp_path / "work")], tmp_path / "logs", timeout=120)
     assert r.returncode == 0 and r.statuses == {0: 0, 1: 0}, r.report()
     for pid in (0, 1):

@@ -32,7 +32,6 @@ def _tiny(module, steps, **rl):
     c.eval_every = 2
     c.checkpoint_every = 1
     c.rl.update(rl)
-    c.mesh.data = 1
     return c
 
 

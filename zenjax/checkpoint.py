@@ -2,10 +2,11 @@
 
 `<workdir>/checkpoints/<step>/` holds four Orbax items: `params` (the pure dict of the nnx.Param
 values), `opt_state`, `meta` (the trainer's small JSON) and `checksums` (a fingerprint of every
-array). Orbax writes a step into a temporary directory and renames it once complete, so a killed
-save never shows up as a step. What can still go wrong is a committed step damaged later (lost or
-truncated files, bit rot that Orbax reads back without complaint): `restore` verifies every array
-against its fingerprint and falls back to the previous step, setting the bad ones aside.
+array). Orbax commits a step atomically (a temporary directory renamed when complete; a commit
+marker on GCS), so a killed save never shows up as a step. What can still go wrong is a committed
+step damaged later (lost or truncated files, bit rot that Orbax reads back without complaint):
+`restore` checks every array against its fingerprint and falls back to the previous step,
+setting the bad ones aside.
 """
 
 from __future__ import annotations
@@ -69,12 +70,11 @@ class Checkpointer:
         except (TypeError, ValueError) as e:
             raise TypeError(f"checkpoint meta must be JSON-serialisable: {e}") from None
         checksums = {"params": _fingerprints(params), "opt_state": _fingerprints(opt_state)}
-        return self._manager.save(step, force=True, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave(meta),
-            checksums=ocp.args.JsonSave(checksums),
-        ))
+        items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta),
+                 "checksums": ocp.args.JsonSave(checksums)}
+        if jax.tree.leaves(opt_state):  # Orbax refuses an item without arrays (plain SGD's state)
+            items["opt_state"] = ocp.args.StandardSave(opt_state)
+        return self._manager.save(step, force=True, args=ocp.args.Composite(**items))
 
     def restore(self, abstract_params, abstract_opt_state):
         """(step, params, opt_state, meta) of the latest step that restores intact, else None.
@@ -99,17 +99,18 @@ class Checkpointer:
             if error is None and not restored_everywhere:
                 error = CheckpointError("it failed to restore on another process")
             if error is not None:
-                log.warning("checkpoint step %d in %s cannot be restored (%s: %s); trying the "
-                            "previous one", step, self.directory, type(error).__name__, error)
+                log.warning("checkpoint step %d in %s cannot be restored (%s); trying the previous "
+                            "one", step, self.directory, _brief(error))
                 bad.append((step, error))
                 continue
             if bad:
                 self._set_aside([s for s, _ in bad])
+            log.info("restored checkpoint step %d from %s", step, self.directory)
             return restored
         if bad:
             raise CheckpointError(
                 f"none of the checkpoints in {self.directory} can be restored:\n"
-                + "\n".join(f"  step {s}: {type(e).__name__}: {e}" for s, e in bad)) from bad[0][1]
+                + "\n".join(f"  step {s}: {_brief(e)}" for s, e in bad)) from bad[0][1]
         return None
 
     def wait(self) -> None:
@@ -122,13 +123,15 @@ class Checkpointer:
     def _restore_step(self, step, abstract_params, abstract_opt_state):
         items = {"params": ocp.args.StandardRestore(abstract_params),
                  "meta": ocp.args.JsonRestore(), "checksums": ocp.args.JsonRestore()}
-        if abstract_opt_state is not None:
+        if jax.tree.leaves(abstract_opt_state):
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         for name in ("params", "opt_state"):
             if name in items:
                 _verify(restored[name], restored["checksums"][name], name)
-        return step, restored["params"], restored.get("opt_state"), restored["meta"]
+        # Without arrays (None, or plain SGD's state) the abstract tree is the value.
+        opt_state = restored["opt_state"] if "opt_state" in items else abstract_opt_state
+        return step, restored["params"], opt_state, restored["meta"]
 
     def _set_aside(self, steps: Sequence[int]) -> None:
         # Renamed rather than deleted: a step that failed for a passing reason can be recovered
@@ -137,8 +140,12 @@ class Checkpointer:
             for step in steps:
                 path = self.directory / str(step)
                 aside = path.parent / f"{step}.corrupt-{int(time.time())}"
-                path.rename(aside)
-                log.warning("moved damaged checkpoint %s to %s", path, aside)
+                try:
+                    path.rename(aside)
+                    log.warning("moved damaged checkpoint %s to %s", path, aside)
+                except OSError as e:  # restoring the good step still counts; say what is left over
+                    log.warning("could not move damaged checkpoint %s aside (%s): remove it by hand, "
+                                "or it stays the 'latest' step until newer ones replace it", path, e)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("zenjax.checkpoint.set_aside")
         self._manager.reload()
@@ -150,8 +157,7 @@ def install_signal_handlers(signals=(signal.SIGTERM, signal.SIGINT)) -> Callable
     Once it returns True, save with `force=True`, `close()` and exit. With several processes
     `should_stop()` is a collective, so call it at the same point of every step on every
     process: it turns True on all of them once any one was signalled, so all stop after the same
-    step. A second signal gets the previous behaviour (Ctrl-C twice kills). Call it after
-    `zenjax.distributed.initialize()`, which installs jax's own SIGTERM hook.
+    step. A second signal gets the previous behaviour (Ctrl-C twice kills).
     """
     received: list[int] = []
 
@@ -160,8 +166,14 @@ def install_signal_handlers(signals=(signal.SIGTERM, signal.SIGINT)) -> Callable
         signal.signal(signum, previous[signum] or signal.SIG_DFL)
         log.warning("received %s: stopping after this step", signal.Signals(signum).name)
 
+    def should_stop() -> bool:
+        for s in signals:
+            if s not in received:  # take it back: jax.distributed.initialize hooks SIGTERM
+                signal.signal(s, handle)
+        return bool(_gather(bool(received)).any())
+
     previous = {s: signal.signal(s, handle) for s in signals}
-    return lambda: bool(_gather(bool(received)).any())
+    return should_stop
 
 
 def _gather(flag: bool) -> np.ndarray:
@@ -205,6 +217,12 @@ def _verify(tree, saved: dict[str, list], item: str) -> None:
         # An array restored into another dtype was converted: its bits cannot match.
         if saved_dtype == dtype and saved_value != value:
             raise CheckpointError(f"{item}{path} does not match its checksum: the data is damaged")
+
+
+def _brief(error: Exception) -> str:
+    # TensorStore errors go on to print the whole array spec.
+    lines = str(error).strip().splitlines() or [""]
+    return f"{type(error).__name__}: {lines[0][:300]}"
 
 
 def _require_shardings(tree, name: str) -> None:

@@ -97,7 +97,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     # Every sharded parameter dimension must divide evenly over the mesh axes its rule names.
     dims = {"vocab": cfg.vocab_size, "embed": cfg.hidden_size, "heads": cfg.num_heads,
             "kv_heads": cfg.num_kv_heads}
-    fields = {"vocab": "vocab_size", "embed": "hidden_size", "heads": "num_heads", "kv_heads": "num_kv_heads",
+    field_of = {"vocab": "vocab_size", "embed": "hidden_size", "heads": "num_heads", "kv_heads": "num_kv_heads",
               "mlp": "intermediate_size", "experts": "num_experts", "expert_mlp": "moe_intermediate_size"}
     kinds = {moe for moe, _ in cfg.segments()}
     if False in kinds:
@@ -107,7 +107,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     for logical, size in dims.items():
         ways, axes = _shards(logical, sizes)
         if size % ways:
-            errors.append(f"model.{fields[logical]}={size} is not divisible by {axes}={ways} "
+            errors.append(f"model.{field_of[logical]}={size} is not divisible by {axes}={ways} "
                           f"(the '{logical}' axis is sharded over it)")
     if errors:
         raise ValueError("invalid config:\n  " + "\n  ".join(errors))

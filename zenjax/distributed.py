@@ -115,7 +115,8 @@ def detect(coordinator: str | None = None, num_processes: int | None = None,
     c = base._replace(**{k: v for k, v in explicit.items() if v is not None})
     missing = [f"ZENJAX_{k.upper()} (--{k})" for k in explicit if getattr(c, k) is None]
     if missing:
-        raise ValueError(f"multi-process run ({c.kind}) is missing {', '.join(missing)}")
+        raise ValueError(f"multi-process run ({c.kind}) is missing {', '.join(missing)} "
+                         "(ZENJAX_NUM_PROCESSES=1 runs a single process)")
     if c.num_processes == 1:
         return Cluster("single", None, 1, 0)
     if not 0 <= c.process_id < c.num_processes:

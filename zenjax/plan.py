@@ -18,12 +18,18 @@ t = mesh.tensor.
   + b (4 H D + 4 K D) / t   q and k (projected, normed, rotated), v, the attention context
   + (4 + b) H S / t         float32 scores and compute-dtype probabilities over the whole sequence
   + 4 F b / t               dense SwiGLU: gate, up, silu, product
-  | k (E b + 4 f b / t) + 8 X    MoE: k dispatched copies of the token and their SwiGLU, float32 router logits/probs
-  Without remat all L layers are kept; with remat each layer keeps only its input (E b) and one layer at a time
-  is recomputed. Both add the LM-head chunk: float32 logits, softmax and gradient of rl.logprob_chunk tokens.
+  | c (2 E b + 4 f b / t)   MoE (models/moe.py): the expert-sorted buffer in, out and its SwiGLU; dropless, it has
+      + 2 n E b + 8 X       c = n min(k, X / n) rows per token for n = mesh.expert (the n devices' tokens are
+                            all-gathered, then summed back); float32 router logits and probabilities
+  Saved: all L layers without remat; with remat only each layer's input (E b), the layer being differentiated
+  is recomputed. On top, the backward's working set: 1.5 layers, or the LM-head chunk (float32 logits and their
+  gradient for rl.logprob_chunk positions) when that is larger. The constants follow XLA's buffer assignment
+  for small float32 models on CPU (training within ~15%, the forward within ~50%; tests/test_plan.py); for
+  bfloat16 on TPU treat them as an estimate.
 - Per device: params, gradients and optimizer state are summed over shard shapes of the real train state.
   Peak = params + optimizer state + the largest of (gradients + training activations), the old-log-prob forward
-  over the whole rollout batch (one layer live), and the rollout KV cache (2 L S K D b per sequence).
+  over the whole rollout batch (one layer's scores and half its other terms, or one chunk of float32 logits,
+  live; plus the hidden states) and the rollout KV cache (2 L S K D b per sequence).
 """
 from __future__ import annotations
 
@@ -97,38 +103,51 @@ def train_flops_per_token(cfg: Qwen3Config, seq_len: int, counts: ParamCount | N
     return 6 * counts.matmul_active + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
 
 
-def _layer_bytes(cfg: Qwen3Config, moe: bool, seq_len: int, tensor: int) -> float:
-    """Activation bytes one token keeps for backward in one layer (module docstring)."""
+def _layer_bytes(cfg: Qwen3Config, moe: bool, seq_len: int, tensor: int, expert: int) -> tuple[float, float]:
+    """Activation bytes one token keeps for backward in one layer, as (attention scores, everything else)."""
     b = jnp.dtype(cfg.dtype).itemsize
     E, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    out = E * (8 + 6 * b) + b * (4 * H * D + 4 * K * D) / tensor + (4 + b) * H * seq_len / tensor
+    scores = (4 + b) * H * seq_len / tensor
+    other = E * (8 + 6 * b) + b * (4 * H * D + 4 * K * D) / tensor
     if moe:
-        k = cfg.num_experts_per_tok
-        return out + k * (E * b + 4 * cfg.moe_intermediate_size * b / tensor) + 8 * cfg.num_experts
-    return out + 4 * cfg.intermediate_size * b / tensor
+        rows = expert * min(cfg.num_experts_per_tok, cfg.num_experts // expert)
+        buffer = rows * (2 * E * b + 4 * cfg.moe_intermediate_size * b / tensor)
+        return scores, other + buffer + 2 * expert * E * b + 8 * cfg.num_experts
+    return scores, other + 4 * cfg.intermediate_size * b / tensor
 
 
-def activation_bytes(cfg: Qwen3Config, rows: int, seq_len: int, *, tensor: int = 1, chunk: int = 512,
-                     remat: bool) -> float:
+def _head_chunk_bytes(cfg: Qwen3Config, rows: int, seq_len: int, chunk: int, tensor: int, copies: int) -> float:
+    return rows * min(chunk, seq_len) * cfg.vocab_size / tensor * 4 * copies
+
+
+def activation_bytes(cfg: Qwen3Config, rows: int, seq_len: int, *, tensor: int = 1, expert: int = 1,
+                     chunk: int = 512, remat: bool) -> float:
     """Training activations of `rows` sequences on one device (module docstring)."""
-    b = jnp.dtype(cfg.dtype).itemsize
-    kinds = [(moe, n) for moe, n in cfg.segments()]
-    head = rows * min(chunk, seq_len) * cfg.vocab_size / tensor * 4 * 3
+    tokens = rows * seq_len
+    layers = [(n, sum(_layer_bytes(cfg, moe, seq_len, tensor, expert))) for moe, n in cfg.segments()]
     if remat:
-        one = max(_layer_bytes(cfg, moe, seq_len, tensor) for moe, _ in kinds)
-        return rows * seq_len * (cfg.num_layers * cfg.hidden_size * b + one) + head
-    return rows * seq_len * sum(n * _layer_bytes(cfg, moe, seq_len, tensor) for moe, n in kinds) + head
+        saved = tokens * cfg.num_layers * cfg.hidden_size * jnp.dtype(cfg.dtype).itemsize
+    else:
+        saved = tokens * sum(n * per_token for n, per_token in layers)
+    working = max(1.5 * tokens * max(per_token for _, per_token in layers),
+                  _head_chunk_bytes(cfg, rows, seq_len, chunk, tensor, copies=2))
+    return saved + working
 
 
-def logprob_forward_bytes(cfg: Qwen3Config, rows: int, seq_len: int, *, tensor: int = 1, chunk: int = 512) -> float:
-    """Old log-probs: a forward over the whole rollout batch, one layer's activations live at a time."""
-    b = jnp.dtype(cfg.dtype).itemsize
-    one = max(_layer_bytes(cfg, moe, seq_len, tensor) for moe, _ in cfg.segments())
-    return rows * seq_len * (one + 2 * cfg.hidden_size * b) + rows * min(chunk, seq_len) * cfg.vocab_size / tensor * 8
+def logprob_forward_bytes(cfg: Qwen3Config, rows: int, seq_len: int, *, tensor: int = 1, expert: int = 1,
+                          chunk: int = 512) -> float:
+    """Old log-probs: a forward over the whole rollout batch, one layer (or the head chunk) live at a time."""
+    tokens = rows * seq_len
+    live = [scores + other / 2 for scores, other in (_layer_bytes(cfg, moe, seq_len, tensor, expert)
+                                                     for moe, _ in cfg.segments())]
+    one = tokens * max(live)
+    hidden = 2 * tokens * cfg.hidden_size * jnp.dtype(cfg.dtype).itemsize
+    return max(one, _head_chunk_bytes(cfg, rows, seq_len, chunk, tensor, copies=1)) + hidden
 
 
 def kv_cache_bytes(cfg: Qwen3Config, rows: int, seq_len: int, *, tensor: int = 1) -> float:
-    return 2 * cfg.num_layers * rows * seq_len * cfg.num_kv_heads / tensor * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+    b = jnp.dtype(cfg.dtype).itemsize
+    return 2 * cfg.num_layers * rows * seq_len * cfg.num_kv_heads / tensor * cfg.head_dim * b
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, mesh: Mesh | AbstractMesh):
@@ -188,39 +207,44 @@ class Plan:
 
 
 def plan(config: ml_collections.ConfigDict, num_devices: int | None = None, chip: str | None = None) -> Plan:
-    """All the numbers for `config` on `num_devices` (default: this host's devices, at least what the mesh's
-    fixed axes need)."""
+    """All the numbers for `config` on `num_devices` (default: the product of the mesh's fixed axes)."""
     if chip is not None and chip not in CHIPS:
         raise ValueError(f"unknown chip {chip!r}; known: {', '.join(CHIPS)}")
     if num_devices is None:
-        fixed = math.prod(max(int(config.mesh[a]), 1) for a in sharding.MESH_AXES)
-        num_devices = max(jax.device_count(), fixed)
+        num_devices = math.prod(max(int(config.mesh[a]), 1) for a in sharding.MESH_AXES)
     sizes = validate(config, num_devices=num_devices, num_processes=1)
     cfg = model_config_from(config.model)
     counts = count_params(cfg)
     mesh = AbstractMesh(tuple(sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
     params, opt_state = abstract_train_state(config, mesh)
-    rl, t = config.rl, sizes["tensor"]
+    rl, t, n = config.rl, sizes["tensor"], sizes["expert"]
     seq = config.data.max_prompt_len + rl.max_new_tokens
     rollout = rl.prompts_per_step * rl.group_size
     shards = math.prod(sizes[a] for a in BATCH_AXES)
     mb_local = rollout // rl.minibatches // shards
-    act = {r: activation_bytes(cfg, mb_local, seq, tensor=t, chunk=rl.logprob_chunk, remat=r) for r in (True, False)}
+    act = {r: activation_bytes(cfg, mb_local, seq, tensor=t, expert=n, chunk=rl.logprob_chunk, remat=r)
+           for r in (True, False)}
     return Plan(
         name=config.name, cfg=cfg, counts=counts, mesh=sizes, seq_len=seq, rollout_rows=rollout,
         minibatch_rows=rollout // rl.minibatches, flops_per_token=train_flops_per_token(cfg, seq, counts),
+        # Gradients have the params' dtype and shardings.
         params=device_bytes(params), grads=device_bytes(params), opt_state=device_bytes(opt_state),
         activations=act[cfg.remat], activations_other=act[not cfg.remat],
-        logprob_forward=logprob_forward_bytes(cfg, rollout // shards, seq, tensor=t, chunk=rl.logprob_chunk),
+        logprob_forward=logprob_forward_bytes(cfg, rollout // shards, seq, tensor=t, expert=n, chunk=rl.logprob_chunk),
         kv_cache=kv_cache_bytes(cfg, rollout // shards, seq, tensor=t), chip=chip)
 
 
-def _b(n: float) -> str:
-    return f"{n / 1e9:.3f}B"
+def _si(n: float, unit: str = "") -> str:
+    """3 significant-ish digits with an SI prefix: 596.0M, 32.32B (counts use B for 1e9)."""
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "B" if not unit else "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            digits = max(0, 3 - len(str(int(n // scale))))
+            return f"{n / scale:.{digits}f}" + (f" {prefix}{unit}" if unit else prefix)
+    return f"{n:.0f}" + (f" {unit}" if unit else "")
 
 
 def _row(label: str, n: float, note: str = "") -> str:
-    return f"  {label:<30} {n / GB:8.2f}" + (f"   {note}" if note else "")
+    return f"  {label:<30} {_si(n, 'B'):>9}" + (f"   {note}" if note else "")
 
 
 def format_plan(p: Plan, hf_model_id: str = "") -> str:
@@ -229,30 +253,31 @@ def format_plan(p: Plan, hf_model_id: str = "") -> str:
             f"{cfg.head_dim}, vocab {cfg.vocab_size}")
     arch += (f", {cfg.num_experts} experts top-{cfg.num_experts_per_tok} x {cfg.moe_intermediate_size}"
              if cfg.num_experts else f", mlp {cfg.intermediate_size}")
-    head = "tied (the embedding)" if cfg.tie_embeddings else _b(c.lm_head)
+    head = "tied (the embedding)" if cfg.tie_embeddings else _si(c.lm_head)
     lines = [
         f"{p.name}" + (f" ({hf_model_id})" if hf_model_id else ""),
         f"  {arch}",
-        f"parameters   total {_b(c.total)} ({c.total:,})   active {_b(c.active)} ({c.active:,})",
-        f"  embedding {_b(c.embedding)}   lm head {head}   non-embedding {_b(c.non_embedding)}",
+        f"parameters   total {_si(c.total)} ({c.total:,})   active {_si(c.active)} ({c.active:,})",
+        f"  embedding {_si(c.embedding)}   lm head {head}   non-embedding {_si(c.non_embedding)}",
     ]
     if cfg.num_experts:
-        lines.append(f"  experts {_b(c.experts)}, active {_b(c.experts_active)}")
+        lines.append(f"  experts {_si(c.experts)}, active {_si(c.experts_active)}")
     step_tokens = p.rollout_rows * p.seq_len
     lines += [
-        f"training FLOPs/token  {p.flops_per_token / 1e9:.2f} GFLOP = 6 x {_b(c.matmul_active)} + 12 x "
+        f"training FLOPs/token  {_si(p.flops_per_token, 'FLOP')} = 6 x {_si(c.matmul_active)} + 12 x "
         f"{cfg.num_layers} x {cfg.num_heads} x {cfg.head_dim} x {p.seq_len}",
         f"  per GSPO step (gradient passes over {p.rollout_rows} x {p.seq_len} tokens): "
-        f"{p.flops_per_token * step_tokens / 1e15:.1f} PFLOP",
-        f"mesh  {' '.join(f'{a}={s}' for a, s in p.mesh.items())}  ({p.devices} devices, batch over {p.batch_shards})",
+        f"{_si(p.flops_per_token * step_tokens, 'FLOP')}",
+        f"mesh  {' '.join(f'{a}={s}' for a, s in p.mesh.items())}  "
+        f"({p.devices} device{'s' * (p.devices > 1)}, batch over {p.batch_shards})",
         f"  sequence {p.seq_len}; rollout {p.rollout_rows} seqs ({p.rollout_rows // p.batch_shards}/device); "
         f"minibatch {p.minibatch_rows} ({p.minibatch_rows // p.batch_shards}/device)",
-        "per-device memory (GB)",
+        "per-device memory",
         _row(f"params ({cfg.param_dtype})", p.params),
         _row("gradients", p.grads),
         _row("optimizer state", p.opt_state),
         _row(f"activations, remat {'on' if cfg.remat else 'off'}", p.activations,
-             f"(remat {'off' if cfg.remat else 'on'}: {p.activations_other / GB:.2f})"),
+             f"(remat {'off' if cfg.remat else 'on'}: {_si(p.activations_other, 'B')})"),
         _row("old log-prob forward", p.logprob_forward),
         _row(f"rollout KV cache ({cfg.dtype})", p.kv_cache),
         _row("peak", p.peak),
@@ -264,17 +289,22 @@ def format_plan(p: Plan, hf_model_id: str = "") -> str:
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "ml_collections config file[:arg].", lock_config=True)
-flags.DEFINE_integer("devices", None, "devices to plan for (default: this host's, at least the mesh's fixed axes)")
-flags.DEFINE_enum("chip", None, list(CHIPS), "accelerator: warn when the peak does not fit its memory")
 
 
 def main(argv: list[str]) -> Any:
     del argv
     if FLAGS.config is None:
         raise app.UsageError("--config=configs/<family>.py[:tiny] is required")
+    # Shapes only: never claim an accelerator a training job on this host may be using.
+    jax.config.update("jax_platforms", "cpu")
     print(format_plan(plan(FLAGS.config, FLAGS.devices, FLAGS.chip), FLAGS.config.hf_model_id))
+    if FLAGS.devices is None and -1 in FLAGS.config.mesh.values():
+        print("note: the mesh's -1 axis was given 1 device; pass --devices=N to plan for an N-chip slice")
 
 
 if __name__ == "__main__":
+    # Defined here, not at import: zenjax.train defines its own --config and tests import both modules.
+    config_flags.DEFINE_config_file("config", None, "ml_collections config file[:arg].", lock_config=True)
+    flags.DEFINE_integer("devices", None, "devices to plan for (default: the product of the mesh's fixed axes)")
+    flags.DEFINE_enum("chip", None, list(CHIPS), "accelerator: warn when the peak does not fit its memory")
     app.run(main)

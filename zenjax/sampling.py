@@ -131,7 +131,7 @@ def _generate(graphdef, state, prompt_PL, pmask_PL, rng, temperature, top_p, pad
         """Choose token t for the rows still running; rows that are done get pad and mask 0."""
         tok_N = _choose(logits_NV, jax.random.fold_in(rng, t), temperature, top_p, greedy=greedy, top_k=top_k,
                         use_top_p=use_top_p)
-        logp_N = jnp.take_along_axis(jax.nn.log_softmax(logits_NV / temperature, axis=-1), tok_N[:, None], axis=-1)[:, 0]
+        logp_N = jnp.take_along_axis(jax.nn.log_softmax(logits_NV, axis=-1), tok_N[:, None], axis=-1)[:, 0]
         live_N = ~done_N
         tokens_NM = tokens_NM.at[:, t].set(jnp.where(live_N, tok_N, pad_id))
         mask_NM = mask_NM.at[:, t].set(live_N)

@@ -128,7 +128,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 
         # Frozen reference policy for the KL penalty (a copy: the update donates the live params' buffers).
         ref_params = jax.tree.map(jnp.copy, state.params) if rl.kl_coef > 0 else None
-        history, bad_in_a_row = [], 0
+        history, bad_in_a_row, stopping = [], 0, False
         for step in range(start, config.steps):
             t0 = time.perf_counter()
             items = next(loader)
@@ -180,7 +180,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         ckpt.wait()
         ckpt.close()
         writer.close()
-    if main and history and not stop():
+    if main and history and not stopping:
         from zenjax import report  # noqa: PLC0415 - matplotlib only when a run finishes
 
         report.plot(workdir)

@@ -10,7 +10,7 @@ import glob
 import json
 import os
 import struct
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +27,7 @@ class Entry:
     layer: int | None  # index along the stacked `layers` axis, None for unstacked parameters
     hf_keys: tuple[str, ...]
     to_ours: Callable[[list[np.ndarray]], np.ndarray]  # HF tensors (in hf_keys order) -> our slice
-    to_hf: Callable[[np.ndarray], list[np.ndarray]]  # our slice -> HF tensors
+    to_hf: Callable[[np.ndarray], Iterable[np.ndarray]]  # our slice -> HF tensors (in hf_keys order)
 
 
 def _t(a):
@@ -79,7 +79,7 @@ def entries(cfg: Qwen3Config) -> Iterator[Entry]:
                 yield Entry(st + ("mlp", "router"), j, (p + "mlp.gate.weight",), *linear)
                 for name in ("gate", "up", "down"):
                     keys = tuple(p + f"mlp.experts.{x}.{name}_proj.weight" for x in range(cfg.num_experts))
-                    yield Entry(st + ("mlp", name), j, keys, _stack_t, lambda w: [_t(x) for x in w])
+                    yield Entry(st + ("mlp", name), j, keys, _stack_t, lambda w: (_t(x) for x in w))
             else:
                 for name in ("gate", "up", "down"):
                     yield Entry(st + ("mlp", name), j, (p + f"mlp.{name}_proj.weight",), *linear)
@@ -117,6 +117,7 @@ class SafetensorsReader:
         for name in files:
             path = os.path.join(directory, name)
             fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger kernel read-ahead
             (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
             header = json.loads(os.pread(fd, n, 8))
             for key, t in header.items():
@@ -151,6 +152,13 @@ class SafetensorsReader:
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: t[2] for k, t in self._tensors.items()}
+
+    def prefetch(self, keys: Iterable[str]) -> None:
+        """Asks the kernel to start reading these tensors into the page cache (not into this process), so that
+        disk reads overlap with converting what was read before."""
+        for key in keys:
+            path, _, _, offset, nbytes = self._info(key)
+            os.posix_fadvise(self._fds[path], offset, nbytes, os.POSIX_FADV_WILLNEED)
 
     def get(self, key: str) -> np.ndarray:
         path, dtype, shape, offset, nbytes = self._info(key)

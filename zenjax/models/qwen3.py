@@ -237,14 +237,28 @@ class Attention(nnx.Module):
         B, T, H, D = q_BTHD.shape
         K = cfg.num_kv_heads
         q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD.astype(dt),
-                            preferred_element_type=jnp.float32) * (D ** -0.5)
-        # A finite floor keeps fully-masked (padding) query rows finite instead of NaN.
-        scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKD.astype(dt))
+        if T == 1:
+            out_BTKGD = self._decode_attention(q_BTKGD[:, 0], k_BSKD, v_BSKD, mask_BTS[:, 0])[:, None].astype(dt)
+        else:
+            scores = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD.astype(dt),
+                                preferred_element_type=jnp.float32) * (D ** -0.5)
+            # A finite floor keeps fully-masked (padding) query rows finite instead of NaN.
+            scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+            out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKD.astype(dt))
         out_BTE = jnp.einsum("bthd,hde->bte", out_BTKGD.reshape(B, T, H, D), self.o[...].astype(dt))
         return out_BTE, kv
+
+    @staticmethod
+    def _decode_attention(q_BKGD, k_BSKD, v_BSKD, mask_BS):
+        """One query per row, in float32. Multiply-and-reduce reads the cache in its stored [B, S, K, D] layout;
+        a batched matmul would first copy the whole cache into a (b, k)-major layout at every step."""
+        f32 = jnp.float32
+        q_B1KGD = q_BKGD[:, None].astype(f32) * (q_BKGD.shape[-1] ** -0.5)
+        scores_BSKG = jnp.sum(q_B1KGD * k_BSKD[:, :, :, None].astype(f32), axis=-1)
+        scores_BSKG = jnp.where(mask_BS[:, :, None, None], scores_BSKG, jnp.finfo(f32).min)
+        probs_BSKG = jax.nn.softmax(scores_BSKG, axis=1)
+        return jnp.sum(probs_BSKG[..., None] * v_BSKD[:, :, :, None].astype(f32), axis=1)
 
 
 class MLP(nnx.Module):

@@ -1,0 +1,156 @@
+"""MoE throughput: the dropless ragged experts vs the every-expert reference path, a dense model with the same
+active parameters, and transformers' Qwen3MoeForCausalLM (torch, same threads).
+
+    python -m bench.bench_moe                   # float32 on the default JAX backend; transformers on CPU only
+    python -m bench.bench_moe --only train --repeats 2
+
+A training step is forward + backward of the mean next-token cross-entropy (+ the router losses for MoE), no
+optimizer. Generation is greedy, every sequence runs the full budget.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from zenjax.models import Qwen3, Qwen3Config, moe, sequence_logprobs
+
+BASE = dict(vocab_size=32768, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64,
+            tie_embeddings=True, max_position_embeddings=4096, dtype="float32")
+MOE = Qwen3Config(**BASE, intermediate_size=1536, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=384)
+DENSE = Qwen3Config(**BASE, intermediate_size=4 * 384)  # the same active parameters per token
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()  # compile / warm up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def jax_train(cfg: Qwen3Config, tokens, repeats: int) -> float:
+    graphdef, params = nnx.split(nnx.jit(lambda: Qwen3(cfg, rngs=nnx.Rngs(0)))())
+    mask = np.ones(tokens.shape, bool)
+
+    @jax.jit
+    def grads(params, tokens):
+        def loss_fn(params):
+            logp, aux = sequence_logprobs(nnx.merge(graphdef, params), tokens, mask)
+            terms = moe.moe_losses(aux, cfg)
+            return -logp.mean() + cfg.router_aux_loss_coef * terms["aux_loss"]
+        return jax.grad(loss_fn)(params)
+
+    return best_time(lambda: jax.block_until_ready(grads(params, tokens)), repeats)
+
+
+def jax_generate(cfg: Qwen3Config, prompts, new: int, repeats: int) -> float:
+    from zenjax.sampling import sample  # noqa: PLC0415 - written alongside; the bench runs without it
+
+    model = nnx.jit(lambda: Qwen3(cfg, rngs=nnx.Rngs(0)))()
+    run = lambda: sample(model, prompts, max_new_tokens=new, rng=None, greedy=True).tokens.block_until_ready()  # noqa: E731
+    return best_time(run, repeats)
+
+
+def hf_model(cfg: Qwen3Config):
+    import torch  # noqa: PLC0415 - only for the reference
+    import transformers  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    hf = cfg.to_hf()
+    hf.pop("torch_dtype")
+    return transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**hf)).float()
+
+
+def hf_train(cfg: Qwen3Config, tokens, repeats: int) -> float:
+    import torch  # noqa: PLC0415
+
+    model = hf_model(cfg).train()
+    ids = torch.tensor(np.asarray(tokens), dtype=torch.long)
+
+    def run():
+        out = model(input_ids=ids, labels=ids, output_router_logits=True)  # loss includes coef * aux_loss
+        out.loss.backward()
+        model.zero_grad(set_to_none=True)
+    return best_time(run, repeats)
+
+
+def hf_generate(cfg: Qwen3Config, prompts, new: int, repeats: int) -> float:
+    import torch  # noqa: PLC0415
+
+    model = hf_model(cfg).eval()
+    ids = torch.tensor(prompts)
+
+    def run():
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+        assert out.shape[1] == ids.shape[1] + new
+    return best_time(run, repeats)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256, help="training sequence length")
+    p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--only", default="all", choices=["all", "train", "generate"])
+    args = p.parse_args()
+
+    backend = jax.default_backend()
+    use_hf = backend == "cpu"
+    threads = len(os.sched_getaffinity(0))
+    if use_hf:
+        import torch  # noqa: PLC0415
+        torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, MOE.vocab_size, (args.batch, args.seq)).astype(np.int32)
+    prompts = rng.integers(0, MOE.vocab_size, (args.batch, args.prompt)).tolist()
+    print(f"backend={backend} threads={threads} float32; MoE: {MOE.num_experts} experts top-{MOE.num_experts_per_tok}"
+          f" x {MOE.moe_intermediate_size}; dense: {DENSE.intermediate_size}; {MOE.num_layers} layers, hidden"
+          f" {MOE.hidden_size}, vocab {MOE.vocab_size}")
+
+    rows = []  # (name, tokens/s)
+    if args.only in ("all", "train"):
+        n = args.batch * args.seq
+        for name, cfg in (("MoE ragged", MOE), ("dense, same active params", DENSE),
+                          ("MoE reference (every expert)", dataclasses.replace(MOE, moe_impl="reference"))):
+            rows.append((f"train {name}", n / jax_train(cfg, tokens, args.repeats)))
+        if use_hf:
+            rows.append(("train transformers MoE", n / hf_train(MOE, tokens, args.repeats)))
+    if args.only in ("all", "generate"):
+        n = args.batch * args.new
+        try:
+            rows.append(("generate MoE ragged", n / jax_generate(MOE, prompts, args.new, args.repeats)))
+        except ImportError:
+            print("zenjax.sampling not available: our generation skipped")
+        if use_hf:
+            rows.append(("generate transformers MoE", n / hf_generate(MOE, prompts, args.new, args.repeats)))
+
+    print(f"\n| {'batch ' + str(args.batch) + ' x ' + str(args.seq) + ' / ' + str(args.prompt) + '+' + str(args.new):<34}"
+          f" | {'tok/s':>8} | {'s/step':>7} |")
+    print(f"|{'-' * 36}|{'-' * 10}|{'-' * 9}|")
+    for name, tps in rows:
+        n = args.batch * (args.seq if name.startswith("train") else args.new)
+        print(f"| {name:<34} | {tps:8.0f} | {n / tps:7.2f} |")
+    r = dict(rows)
+    checks = [("MoE step time / dense step time", "train dense, same active params", "train MoE ragged", "<= 1.4"),
+              ("MoE ragged / reference tok/s", "train MoE ragged", "train MoE reference (every expert)", ">= 2"),
+              ("MoE ragged / transformers train tok/s", "train MoE ragged", "train transformers MoE", ">= 2"),
+              ("generation / transformers tok/s", "generate MoE ragged", "generate transformers MoE", "")]
+    for label, a, b, target in checks:
+        if a in r and b in r:
+            print(f"{label}: {r[a] / r[b]:.2f}{'  (target ' + target + ')' if target else ''}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""`inspect`: what a checkpoint holds (HF dir, weights dir or training workdir) and whether it fits its config."""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+
+import numpy as np
+
+from zenjax import weights
+from zenjax.models.hf import SafetensorsReader, check_keys, check_shapes
+from zenjax.models.qwen3 import Qwen3Config
+
+
+def describe(path: str) -> str:
+    lines = []
+    hf = bool(glob.glob(os.path.join(path, "*.safetensors")))
+    loc = None if hf else weights.locate(path)
+    config_path = os.path.join(path, "config.json") if hf else loc.config_path
+    kind = "HF checkpoint" if hf else "weights dir" if loc.step is None else f"training workdir, step {loc.step}"
+    lines.append(f"{os.path.abspath(path)}: {kind}")
+    try:
+        cfg = Qwen3Config.from_hf(config_path)
+        lines += [f"  {f.name}: {getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)]
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        cfg = None
+        lines.append(f"  config: {type(e).__name__}: {e}")
+    if hf:
+        with SafetensorsReader(path) as reader:
+            tensors = [(k, reader.shape(k), reader.dtype(k)) for k in sorted(reader.keys())]
+            check = (lambda: (check_keys(cfg, reader.keys()), check_shapes(cfg, reader.shapes()))) if cfg else None
+            status = _status(check)
+    else:
+        reader = weights.ParamsReader(loc.params_dir)
+        tensors = [("/".join(map(str, p)), reader.shape(p), reader.dtype(p)) for p in sorted(reader.paths(), key=str)]
+        status = _status((lambda: reader.check(cfg)) if cfg else None)
+    width = max(len(name) for name, _, _ in tensors)
+    lines.append(f"tensors ({len(tensors)}):")
+    lines += [f"  {name:<{width}}  {str(dtype):<8}  {tuple(shape)}" for name, shape, dtype in tensors]
+    count = sum(int(np.prod(shape)) for _, shape, _ in tensors)
+    size = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for _, shape, dtype in tensors)
+    lines.append(f"parameters: {count:,} ({size / 2**30:.2f} GiB)")
+    lines.append(f"matches the config: {status}")
+    return "\n".join(lines)
+
+
+def _status(check) -> str:
+    if check is None:
+        return "unknown (no usable config)"
+    try:
+        check()
+    except ValueError as e:
+        return f"no: {e}"
+    return "yes"

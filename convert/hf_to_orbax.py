@@ -1,0 +1,69 @@
+"""HF safetensors (one file or sharded with an index) -> a zenjax weights dir, one parameter slice at a time."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from convert.common import copy_side_files, progress
+from zenjax import weights
+from zenjax.models.hf import SafetensorsReader, check_keys, check_shapes, entries
+from zenjax.models.qwen3 import Qwen3Config
+
+
+# How far ahead of the conversion the kernel reads the source (into its page cache, not this process).
+READ_AHEAD_BYTES = 512 << 20
+
+
+class _Tensors(Sequence):
+    """An entry's HF tensors, each read (and cast) when the layout function reaches it."""
+
+    def __init__(self, reader: SafetensorsReader, keys: tuple[str, ...], dtype: np.dtype):
+        self._reader, self._keys, self._dtype = reader, keys, dtype
+
+    def __len__(self):
+        return len(self._keys)
+
+    def __getitem__(self, i):
+        return self._reader.get(self._keys[i]).astype(self._dtype, copy=False)
+
+
+def hf_to_orbax(hf_dir: str, out: str, *, dtype: np.dtype | None = None,
+                mesh_shape: dict[str, int] | None = None) -> str:
+    """Converts; `dtype` is the stored dtype (default: the source's, promoted across one parameter's tensors).
+    Config, tensor names and shapes are checked before anything is written; the output appears only once
+    complete, and a failure removes what was written."""
+    cfg = Qwen3Config.from_hf(hf_dir)
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        source_config = json.load(f)
+    with SafetensorsReader(hf_dir) as reader:
+        check_keys(cfg, reader.keys())
+        check_shapes(cfg, reader.shapes())
+        plan = list(entries(cfg))
+        dtypes: dict = {}
+        for e in plan:
+            for k in e.hf_keys:
+                d = dtype if dtype is not None else reader.dtype(k)
+                dtypes[e.path] = jnp.promote_types(dtypes.get(e.path, d), d)
+        nbytes = [sum(int(np.prod(reader.shape(k))) for k in e.hf_keys) * dtypes[e.path].itemsize for e in plan]
+        with weights.atomic_directory(out) as tmp:
+            stored = {str(d) for d in dtypes.values()}
+            name = stored.pop() if len(stored) == 1 else "float32"
+            weights.write_config(tmp, cfg, source_config, dtype=name, torch_dtype=name)
+            copy_side_files(hf_dir, tmp)
+            # Slices are written in the background while the next is read, up to half the largest in flight.
+            writer = weights.WeightsWriter(os.path.join(tmp, weights.PARAMS), cfg, dtypes, mesh_shape,
+                                           inflight_bytes=max(nbytes) // 2)
+            with writer, progress(sum(nbytes), "hf-to-orbax") as bar:
+                ahead = 0  # entries [i, ahead) have been handed to the kernel's read-ahead
+                for i, e in enumerate(plan):
+                    while ahead < len(plan) and (ahead <= i or sum(nbytes[i + 1:ahead + 1]) <= READ_AHEAD_BYTES):
+                        reader.prefetch(plan[ahead].hf_keys)
+                        ahead += 1
+                    writer.reserve(nbytes[i])
+                    writer.write(e.path, e.layer, e.to_ours(_Tensors(reader, e.hf_keys, dtypes[e.path])))
+                    bar.update(nbytes[i])
+    return os.path.abspath(out)

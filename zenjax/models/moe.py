@@ -1,0 +1,327 @@
+"""Qwen3-MoE sparse block: float32 router, dropless grouped-matmul experts, expert parallelism, routing losses.
+
+Shapes: B batch, T sequence, E hidden, X experts, F expert width, K experts per token, N tokens (B*T),
+P (token, choice) pairs (N*K), M rows of the expert-sorted buffer.
+
+The experts ("ragged" path) run on (token, choice) pairs sorted by expert: grouped matmuls over contiguous groups,
+no capacity factor, no dropped tokens. Rows move between token order and expert order by gathers only; the
+gradient of a gather through a partial permutation is the gather through its inverse (`_take_rows`), so there is
+no scatter-add anywhere.
+
+Under a mesh the experts run in `shard_map`: each device computes its own batch shard with the experts it holds
+(`experts` -> `expert` axis). With an expert axis of n > 1 the n devices of an expert group all-gather their
+tokens, each computes only the pairs routed to its X/n experts, and a reduce-scatter returns every token's sum
+to its owner. XLA:CPU has no `ragged_all_to_all`, and a fixed-size all-to-all that is safe for dropless routing
+must reserve a whole batch shard per destination, which is exactly an all-gather of the tokens (and the way back
+a reduce-scatter) -- with the same bytes as a ragged all-to-all of the pairs when n <= K, the usual case.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from zenjax.models.qwen3 import Qwen3Config, param
+from zenjax.sharding import RULES, logical_to_spec
+
+F32 = jnp.float32
+GATE_AXES = ("experts", "embed", "expert_mlp")  # also up
+DOWN_AXES = ("experts", "expert_mlp", "embed")
+
+
+class MoEBlock(nnx.Module):
+    """Router + top-k + SwiGLU experts; returns (y_BTE, aux) where aux holds this layer's routing statistics."""
+
+    def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
+        E, X, F = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+        self.cfg = cfg
+        self.router = param(rngs, cfg, (E, X), ("embed", None))
+        self.gate = param(rngs, cfg, (X, E, F), GATE_AXES)
+        self.up = param(rngs, cfg, (X, E, F), GATE_AXES)
+        self.down = param(rngs, cfg, (X, F, E), DOWN_AXES)
+
+    def __call__(self, x_BTE, mask_BT):
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        logits_BTX = jnp.einsum("bte,ex->btx", x_BTE.astype(F32), self.router[...].astype(F32))
+        probs_BTX = jax.nn.softmax(logits_BTX, axis=-1)
+        w_BTK, idx_BTK = jax.lax.top_k(probs_BTX, cfg.num_experts_per_tok)
+        if cfg.norm_topk_prob:
+            w_BTK = w_BTK / jnp.sum(w_BTK, axis=-1, keepdims=True)
+        weights = tuple(p[...].astype(dt) for p in (self.gate, self.up, self.down))
+        experts = _reference if cfg.moe_impl == "reference" else _sharded_experts
+        y_BTE = experts(x_BTE.astype(dt), idx_BTK, w_BTK, *weights)
+        return y_BTE, _router_aux(logits_BTX, probs_BTX, idx_BTK, mask_BT)
+
+
+def _router_aux(logits_BTX, probs_BTX, idx_BTK, mask_BT):
+    """Per-layer sums over the real tokens (padding routed but not counted), plus every token's choices.
+    Under jit these sums run over the whole (global) batch, whatever the mesh."""
+    m_BT = mask_BT.astype(F32)
+    X = probs_BTX.shape[-1]
+    chosen_BTX = jnp.any(idx_BTK[..., None] == jnp.arange(X), axis=-2).astype(F32)
+    lse_BT = jax.nn.logsumexp(logits_BTX, axis=-1)
+    entropy_BT = lse_BT - jnp.sum(probs_BTX * logits_BTX, axis=-1)
+    return {
+        "expert_counts": jnp.einsum("btx,bt->x", chosen_BTX, m_BT),  # selections per expert
+        "prob_sums": jnp.einsum("btx,bt->x", probs_BTX, m_BT),  # router probability mass per expert
+        "tokens": jnp.sum(m_BT),
+        "z_sum": jnp.sum(m_BT * lse_BT**2),
+        "entropy_sum": jnp.sum(m_BT * entropy_BT),
+        "topk": idx_BTK.astype(jnp.int32),
+    }
+
+
+def _reference(x_BTE, idx_BTK, w_BTK, gate_XEF, up_XEF, down_XFE):
+    """Every expert on every token, combined with the (zero outside the top-k) routing weights. Tests only."""
+    combine_BTX = jnp.einsum("btk,btkx->btx", w_BTK, jax.nn.one_hot(idx_BTK, gate_XEF.shape[0], dtype=F32))
+    h_BTXF = jax.nn.silu(jnp.einsum("bte,xef->btxf", x_BTE, gate_XEF)) * jnp.einsum("bte,xef->btxf", x_BTE, up_XEF)
+    y_BTXE = jnp.einsum("btxf,xfe->btxe", h_BTXF, down_XFE)
+    return jnp.einsum("btxe,btx->bte", y_BTXE.astype(F32), combine_BTX).astype(x_BTE.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sharding
+
+
+def _mesh_axes(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _sharded_experts(x_BTE, idx_BTK, w_BTK, gate_XEF, up_XEF, down_XFE):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        y_NE = _local_experts(x_BTE.reshape(-1, x_BTE.shape[-1]), idx_BTK.reshape(-1, idx_BTK.shape[-1]),
+                              w_BTK.reshape(-1, w_BTK.shape[-1]), gate_XEF, up_XEF, down_XFE, 0)
+        return y_NE.reshape(x_BTE.shape)
+
+    gate_spec, down_spec = logical_to_spec(GATE_AXES), logical_to_spec(DOWN_AXES)
+    ep = _mesh_axes(gate_spec[0])  # mesh axes splitting the experts
+    tp = _mesh_axes(gate_spec[2])  # ... splitting each expert's width (partial sums, one psum)
+    fsdp = _mesh_axes(gate_spec[1])  # ... splitting the hidden dim of the weights (all-gathered inside)
+    X = gate_XEF.shape[0]
+    n_ep = math.prod(mesh.shape[a] for a in ep)
+    if X % n_ep:
+        raise ValueError(f"num_experts={X} is not divisible by the expert-parallel mesh size {n_ep} "
+                         f"(mesh axes {ep})")
+    # The batch is split like every activation (rules' "batch"), or kept whole when it does not divide (decoding
+    # a single sequence): then every device of an expert group already holds all tokens and nothing is gathered.
+    batch = _mesh_axes(RULES["batch"])
+    if x_BTE.shape[0] % math.prod(mesh.shape[a] for a in batch):
+        batch = ()
+    gather_ep = tuple(a for a in ep if a in batch)
+    act = P(batch or None)
+
+    def local(x_BTE, idx_BTK, w_BTK, gate_XEF, up_XEF, down_XFE):
+        if fsdp:  # the gathered weights are the same on every fsdp shard (matters when tokens are not split)
+            gather = functools.partial(jax.lax.all_gather, axis_name=fsdp, tiled=True, to="invarying")
+            gate_XEF, up_XEF, down_XFE = gather(gate_XEF, axis=1), gather(up_XEF, axis=1), gather(down_XFE, axis=2)
+        B, T, E = x_BTE.shape
+        x_NE, idx_NK, w_NK = x_BTE.reshape(B * T, E), idx_BTK.reshape(B * T, -1), w_BTK.reshape(B * T, -1)
+        if gather_ep:
+            x_NE, idx_NK, w_NK = (jax.lax.all_gather(a, gather_ep, axis=0, tiled=True) for a in (x_NE, idx_NK, w_NK))
+        # Give every operand the union of their varying mesh axes (adding a zero that has it): the CPU kernel's
+        # custom VJP and loop carries must keep their inputs' types; autodiff sums the gradients back (psum).
+        zero = sum(jnp.zeros_like(a, shape=()) for a in (x_NE, gate_XEF, up_XEF, down_XFE))
+        x_NE, gate_XEF, up_XEF, down_XFE = (a + zero.astype(a.dtype) for a in (x_NE, gate_XEF, up_XEF, down_XFE))
+        first = jax.lax.axis_index(ep) * gate_XEF.shape[0] if ep else 0
+        y_NE = _local_experts(x_NE, idx_NK, w_NK, gate_XEF, up_XEF, down_XFE, first)
+        if gather_ep:
+            y_NE = jax.lax.psum_scatter(y_NE, gather_ep, scatter_dimension=0, tiled=True)
+        rest = tuple(a for a in ep + tp if a not in gather_ep)
+        if rest:  # other experts' contributions (tokens not gathered) and the width shards' partial sums
+            y_NE = jax.lax.psum(y_NE, rest)
+        return y_NE.reshape(B, T, E)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(act, act, act, gate_spec, gate_spec, down_spec),
+                         out_specs=act)(x_BTE, idx_BTK, w_BTK, gate_XEF, up_XEF, down_XFE)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Experts on one device
+
+
+def _local_experts(x_NE, idx_NK, w_NK, gate_XEF, up_XEF, down_XFE, first, kernel: str | None = None):
+    """sum_k w_nk * expert_{idx_nk}(x_n) over the pairs whose expert is one of the X held here
+    ([first, first + X)); other pairs contribute zero."""
+    N, K = idx_NK.shape
+    X = gate_XEF.shape[0]
+    kernel = kernel or ("blocked" if jax.default_backend() == "cpu" else "ragged_dot")
+    capacity = N * min(K, X)  # a token's K choices are distinct experts: at most min(K, X) of them land here
+    # The blocked kernel pads each expert's group to whole blocks; ~rows per expert keeps the padding under 2x.
+    block = 1 if kernel == "ragged_dot" else max(8, min(256, 1 << max(0, (capacity // X).bit_length() - 1)))
+    lay = _layout(idx_NK.reshape(-1) - first, X, block, capacity)
+    x_ME = _take_rows(x_NE, lay.src_M, lay.dest_P, K)
+    if kernel == "ragged_dot":
+        sizes = lay.sizes_X.astype(jnp.int32)
+        h_MF = jax.nn.silu(jax.lax.ragged_dot(x_ME, gate_XEF, sizes)) * jax.lax.ragged_dot(x_ME, up_XEF, sizes)
+        y_ME = jax.lax.ragged_dot(h_MF, down_XFE, sizes)
+    elif kernel == "blocked":
+        y_ME = _blocked_mlp(x_ME, gate_XEF, up_XEF, down_XFE, lay.block_expert, lay.used_blocks, block)
+    else:
+        raise ValueError(f"unknown expert kernel {kernel!r}: expected 'blocked' or 'ragged_dot'")
+    y_NKE = _take_rows(y_ME, lay.dest_P, lay.src_M, 1).reshape(N, K, -1)
+    return jnp.einsum("nke,nk->ne", y_NKE.astype(F32), w_NK).astype(x_NE.dtype)
+
+
+class Layout(NamedTuple):
+    dest_P: jax.Array  # buffer row of each pair; M (out of range) for pairs of experts held elsewhere
+    src_M: jax.Array  # pair of each buffer row; P (out of range) for padding rows
+    sizes_X: jax.Array  # pairs per expert
+    block_expert: jax.Array  # expert of each block of the buffer (blocks past `used_blocks` are empty)
+    used_blocks: jax.Array
+
+
+def _layout(expert_P, num_experts: int, block: int, capacity: int) -> Layout:
+    """Pairs sorted by expert (stable), each expert's group padded to a multiple of `block` rows. Experts outside
+    [0, num_experts) are not placed. The buffer is sized for `capacity` placed pairs."""
+    X, n_pairs = num_experts, expert_P.shape[0]
+    placed = (expert_P >= 0) & (expert_P < X)
+    key_P = jnp.where(placed, expert_P, X)  # pairs held elsewhere sort last, as group X
+    order = jnp.argsort(key_P, stable=True)
+    sizes = jnp.bincount(key_P, length=X + 1)
+    rank_P = jnp.argsort(order) - (jnp.cumsum(sizes) - sizes)[key_P]  # position within its expert's group
+    padded_X = -(-sizes[:X] // block) * block
+    end_X = jnp.cumsum(padded_X)
+    n_blocks = (capacity + X * (block - 1)) // block  # sum_x ceil(size_x / block) can never exceed this
+    M = n_blocks * block
+    dest_P = jnp.where(placed, (end_X - padded_X)[jnp.minimum(key_P, X - 1)] + rank_P, M).astype(jnp.int32)
+    src_M = jnp.full((M,), n_pairs, jnp.int32).at[dest_P].set(jnp.arange(n_pairs, dtype=jnp.int32), mode="drop")
+    block_expert = jnp.minimum(jnp.searchsorted(end_X, jnp.arange(n_blocks) * block, side="right"), X - 1)
+    return Layout(dest_P, src_M, sizes[:X], block_expert.astype(jnp.int32), end_X[-1] // block)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _take_rows(x_RE, rows_S, inverse_R, fan: int):
+    """out[s] = x[rows[s] // fan] (zeros where out of range). Each x row is read by at most `fan` outputs,
+    found through `inverse` ([R * fan]: the output reading each virtual row, out of range if none)."""
+    return x_RE.at[rows_S // fan].get(mode="fill", fill_value=0)
+
+
+def _take_rows_fwd(x_RE, rows_S, inverse_R, fan):
+    return _take_rows(x_RE, rows_S, inverse_R, fan), (rows_S, inverse_R)
+
+
+def _take_rows_bwd(fan, res, g_SE):
+    rows_S, inverse_R = res
+    g_RE = g_SE.at[inverse_R].get(mode="fill", fill_value=0)
+    return g_RE.reshape(-1, fan, g_RE.shape[-1]).sum(1), None, None
+
+
+_take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU grouped SwiGLU. XLA:CPU lowers `ragged_dot` to a dense matmul against every group (X times the work), so on
+# CPU the experts run as a loop over the filled blocks only, each block one expert's dense [block, E] x [E, F].
+
+
+def _rows(a, j, block):
+    return jax.lax.dynamic_slice_in_dim(a, j * block, block)
+
+
+def _put_rows(a, j, block, value):
+    return jax.lax.dynamic_update_slice_in_dim(a, value.astype(a.dtype), j * block, 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _blocked_mlp(x_ME, gate_XEF, up_XEF, down_XFE, block_expert, used_blocks, block: int):
+    return _blocked_mlp_fwd(x_ME, gate_XEF, up_XEF, down_XFE, block_expert, used_blocks, block)[0]
+
+
+def _blocked_mlp_fwd(x_ME, gate_XEF, up_XEF, down_XFE, block_expert, used_blocks, block):
+    M, E = x_ME.shape
+    F = gate_XEF.shape[-1]
+    def body(j, carry):
+        y_ME, a_MF, c_MF = carry
+        x, e = _rows(x_ME, j, block), block_expert[j]
+        a, c = x @ gate_XEF[e], x @ up_XEF[e]
+        y = (jax.nn.silu(a) * c) @ down_XFE[e]
+        return _put_rows(y_ME, j, block, y), _put_rows(a_MF, j, block, a), _put_rows(c_MF, j, block, c)
+
+    init = (jnp.zeros_like(x_ME), *(jnp.zeros_like(x_ME, shape=(M, F)) for _ in range(2)))
+    y_ME, a_MF, c_MF = jax.lax.fori_loop(0, used_blocks, body, init)
+    return y_ME, (x_ME, gate_XEF, up_XEF, down_XFE, block_expert, used_blocks, a_MF, c_MF)
+
+
+def _blocked_mlp_bwd(block, res, dy_ME):
+    x_ME, gate_XEF, up_XEF, down_XFE, block_expert, used_blocks, a_MF, c_MF = res
+
+    def body(j, carry):
+        dx_ME, dgate, dup, ddown = carry
+        x, a, c, dy, e = (*(_rows(t, j, block) for t in (x_ME, a_MF, c_MF, dy_ME)), block_expert[j])
+        sig = jax.nn.sigmoid(a)
+        silu = a * sig
+        dh = dy @ down_XFE[e].T
+        dc = dh * silu
+        da = dh * c * sig * (1 + a * (1 - sig))
+        dx = da @ gate_XEF[e].T + dc @ up_XEF[e].T
+        # Weight gradients accumulate over many blocks: keep them in float32 whatever the compute dtype.
+        acc = lambda g, l, r: g.at[e].add(jnp.dot(l.T, r, preferred_element_type=F32))  # noqa: E731
+        return _put_rows(dx_ME, j, block, dx), acc(dgate, x, da), acc(dup, x, dc), acc(ddown, silu * c, dy)
+
+    # zeros_like keeps the operands' varying mesh axes (inside shard_map a loop carry's type may not change).
+    init = (jnp.zeros_like(x_ME), *(jnp.zeros_like(w, dtype=F32) for w in (gate_XEF, up_XEF, down_XFE)))
+    dx_ME, dgate, dup, ddown = jax.lax.fori_loop(0, used_blocks, body, init)
+    return (dx_ME, dgate.astype(gate_XEF.dtype), dup.astype(up_XEF.dtype), ddown.astype(down_XFE.dtype),
+            None, None)
+
+
+_blocked_mlp.defvjp(_blocked_mlp_fwd, _blocked_mlp_bwd)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Losses and statistics over the stacked aux of every MoE layer ([L, ...] per key, from `Qwen3.__call__`)
+
+
+def moe_losses(aux: dict, cfg: Qwen3Config, global_aux: dict | None = None) -> dict[str, jax.Array]:
+    """The router losses, NOT multiplied by their coefficients (the trainer adds
+    `cfg.router_aux_loss_coef * aux_loss + cfg.router_z_loss_coef * z_loss`).
+
+    aux_loss: transformers' Qwen3-MoE `load_balancing_loss_func`: X * sum_x f_x * P_x with f_x the fraction of
+    tokens choosing x (counted k times per token) and P_x the mean router probability, both pooled over all
+    layers and all real tokens of the batch before the product.
+    z_loss: ST-MoE's router z-loss, the mean over layers and real tokens of logsumexp(router logits)^2.
+
+    Under jit the sums in `aux` already cover the whole global batch, so data-parallel shards are balanced
+    together. `cfg.balance_global_batch` extends that across the micro-batches / minibatches of one optimizer
+    step: pass `global_aux`, the aux of a forward over the whole step batch (e.g. the rollout's old-log-prob
+    pass), and f_x comes from its counts (global-batch balancing, Qiu et al. 2025). f_x carries no gradient, so
+    this is the global loss's gradient, while P_x stays this micro-batch's.
+    """
+    if not aux:  # dense model
+        return {"aux_loss": jnp.zeros((), F32), "z_loss": jnp.zeros((), F32)}
+    counts = global_aux if cfg.balance_global_batch and global_aux is not None else aux
+    tokens = jnp.maximum(jnp.sum(aux["tokens"]), 1.0)
+    f_X = jnp.sum(counts["expert_counts"], axis=0) / jnp.maximum(jnp.sum(counts["tokens"]), 1.0)
+    p_X = jnp.sum(aux["prob_sums"], axis=0) / tokens
+    return {"aux_loss": f_X.shape[0] * jnp.sum(f_X * p_X), "z_loss": jnp.sum(aux["z_sum"]) / tokens}
+
+
+def routing_stats(aux: dict) -> dict[str, jax.Array]:
+    """Cheap per-layer statistics for logging: `expert_fraction` [L, X] (share of the routing choices taken by
+    each expert), and [L] each: `max_load_ratio` (busiest expert / mean), `router_entropy` (mean per-token
+    entropy of the router, nats), `dead_experts` (experts that received no token)."""
+    counts_LX = aux["expert_counts"]
+    total_L = jnp.maximum(jnp.sum(counts_LX, axis=-1), 1.0)
+    return {
+        "expert_fraction": counts_LX / total_L[:, None],
+        "max_load_ratio": jnp.max(counts_LX, axis=-1) * counts_LX.shape[-1] / total_L,
+        "router_entropy": aux["entropy_sum"] / jnp.maximum(aux["tokens"], 1.0),
+        "dead_experts": jnp.sum(counts_LX == 0, axis=-1).astype(F32),
+    }
+
+
+def routing_change(aux_a: dict, aux_b: dict, mask_BT) -> jax.Array:
+    """Fraction of the real tokens' routing choices (expert sets, order ignored) that differ between two
+    forwards of the same batch, over all MoE layers."""
+    a_LBTK, b_LBTK = aux_a["topk"].astype(jnp.int32), aux_b["topk"].astype(jnp.int32)
+    kept_LBTK = jnp.any(a_LBTK[..., :, None] == b_LBTK[..., None, :], axis=-1)
+    m_BT = mask_BT.astype(F32)
+    L, K = a_LBTK.shape[0], a_LBTK.shape[-1]
+    changed = jnp.sum(jnp.sum(1.0 - kept_LBTK, axis=(0, -1)) * m_BT)
+    return changed / jnp.maximum(jnp.sum(m_BT) * L * K, 1.0)
