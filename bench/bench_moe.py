@@ -4,8 +4,9 @@ active parameters, and transformers' Qwen3MoeForCausalLM (torch, same threads).
     python -m bench.bench_moe                   # float32 on the default JAX backend; transformers on CPU only
     python -m bench.bench_moe --only train --repeats 2
 
-A training step is forward + backward of the mean next-token cross-entropy (+ the router losses for MoE), no
-optimizer. Generation is greedy, every sequence runs the full budget.
+A training step is forward + backward of the mean next-token cross-entropy over full logits (+ the load-balance
+loss for MoE, as transformers adds it), no optimizer. Generation is greedy, every sequence runs the full budget.
+Runs are interleaved and the best of `--repeats` is kept, so load from other processes hits every row alike.
 """
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from zenjax.models import Qwen3, Qwen3Config, moe, sequence_logprobs
+from zenjax.models import Qwen3, Qwen3Config, moe
 
 BASE = dict(vocab_size=32768, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64,
             tie_embeddings=True, max_position_embeddings=4096, dtype="float32")
@@ -26,37 +28,40 @@ MOE = Qwen3Config(**BASE, intermediate_size=1536, num_experts=16, num_experts_pe
 DENSE = Qwen3Config(**BASE, intermediate_size=4 * 384)  # the same active parameters per token
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # compile / warm up
-    times = []
+def interleaved_best(runners: dict, repeats: int) -> dict:
+    """Best wall time of each runner, the runs interleaved so that load from other processes hits all alike."""
+    for run in runners.values():
+        run()  # compile / warm up
+    best = {name: float("inf") for name in runners}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+        for name, run in runners.items():
+            t = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
 
 
-def jax_train(cfg: Qwen3Config, tokens, repeats: int) -> float:
+def jax_train(cfg: Qwen3Config, tokens):
     graphdef, params = nnx.split(nnx.jit(lambda: Qwen3(cfg, rngs=nnx.Rngs(0)))())
     mask = np.ones(tokens.shape, bool)
 
     @jax.jit
     def grads(params, tokens):
         def loss_fn(params):
-            logp, aux = sequence_logprobs(nnx.merge(graphdef, params), tokens, mask)
-            terms = moe.moe_losses(aux, cfg)
-            return -logp.mean() + cfg.router_aux_loss_coef * terms["aux_loss"]
+            logits, aux = nnx.merge(graphdef, params)(tokens, mask)
+            logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+            nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
+            return nll + cfg.router_aux_loss_coef * moe.moe_losses(aux, cfg)["aux_loss"]
         return jax.grad(loss_fn)(params)
 
-    return best_time(lambda: jax.block_until_ready(grads(params, tokens)), repeats)
+    return lambda: jax.block_until_ready(grads(params, tokens))
 
 
-def jax_generate(cfg: Qwen3Config, prompts, new: int, repeats: int) -> float:
+def jax_generate(cfg: Qwen3Config, prompts, new: int):
     from zenjax.sampling import sample  # noqa: PLC0415 - written alongside; the bench runs without it
 
     model = nnx.jit(lambda: Qwen3(cfg, rngs=nnx.Rngs(0)))()
-    run = lambda: sample(model, prompts, max_new_tokens=new, rng=None, greedy=True).tokens.block_until_ready()  # noqa: E731
-    return best_time(run, repeats)
+    return lambda: sample(model, prompts, max_new_tokens=new, rng=None, greedy=True).tokens.block_until_ready()
 
 
 def hf_model(cfg: Qwen3Config):
@@ -69,7 +74,7 @@ def hf_model(cfg: Qwen3Config):
     return transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**hf)).float()
 
 
-def hf_train(cfg: Qwen3Config, tokens, repeats: int) -> float:
+def hf_train(cfg: Qwen3Config, tokens):
     import torch  # noqa: PLC0415
 
     model = hf_model(cfg).train()
@@ -79,10 +84,10 @@ def hf_train(cfg: Qwen3Config, tokens, repeats: int) -> float:
         out = model(input_ids=ids, labels=ids, output_router_logits=True)  # loss includes coef * aux_loss
         out.loss.backward()
         model.zero_grad(set_to_none=True)
-    return best_time(run, repeats)
+    return run
 
 
-def hf_generate(cfg: Qwen3Config, prompts, new: int, repeats: int) -> float:
+def hf_generate(cfg: Qwen3Config, prompts, new: int):
     import torch  # noqa: PLC0415
 
     model = hf_model(cfg).eval()
@@ -93,7 +98,7 @@ def hf_generate(cfg: Qwen3Config, prompts, new: int, repeats: int) -> float:
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                  max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
         assert out.shape[1] == ids.shape[1] + new
-    return best_time(run, repeats)
+    return run
 
 
 def main():
@@ -119,37 +124,37 @@ def main():
           f" x {MOE.moe_intermediate_size}; dense: {DENSE.intermediate_size}; {MOE.num_layers} layers, hidden"
           f" {MOE.hidden_size}, vocab {MOE.vocab_size}")
 
-    rows = []  # (name, tokens/s)
+    runners, counts = {}, {}  # name -> run(), tokens per run
     if args.only in ("all", "train"):
-        n = args.batch * args.seq
         for name, cfg in (("MoE ragged", MOE), ("dense, same active params", DENSE),
                           ("MoE reference (every expert)", dataclasses.replace(MOE, moe_impl="reference"))):
-            rows.append((f"train {name}", n / jax_train(cfg, tokens, args.repeats)))
+            runners[f"train {name}"] = jax_train(cfg, tokens)
         if use_hf:
-            rows.append(("train transformers MoE", n / hf_train(MOE, tokens, args.repeats)))
+            runners["train transformers MoE"] = hf_train(MOE, tokens)
+        counts.update({name: args.batch * args.seq for name in runners})
     if args.only in ("all", "generate"):
-        n = args.batch * args.new
         try:
-            rows.append(("generate MoE ragged", n / jax_generate(MOE, prompts, args.new, args.repeats)))
+            runners["generate MoE ragged"] = jax_generate(MOE, prompts, args.new)
         except ImportError:
             print("zenjax.sampling not available: our generation skipped")
         if use_hf:
-            rows.append(("generate transformers MoE", n / hf_generate(MOE, prompts, args.new, args.repeats)))
+            runners["generate transformers MoE"] = hf_generate(MOE, prompts, args.new)
+        counts.update({name: args.batch * args.new for name in runners if name.startswith("generate")})
+    best = interleaved_best(runners, args.repeats)
+    rows = {name: counts[name] / t for name, t in best.items()}
 
-    print(f"\n| {'batch ' + str(args.batch) + ' x ' + str(args.seq) + ' / ' + str(args.prompt) + '+' + str(args.new):<34}"
-          f" | {'tok/s':>8} | {'s/step':>7} |")
-    print(f"|{'-' * 36}|{'-' * 10}|{'-' * 9}|")
-    for name, tps in rows:
-        n = args.batch * (args.seq if name.startswith("train") else args.new)
-        print(f"| {name:<34} | {tps:8.0f} | {n / tps:7.2f} |")
-    r = dict(rows)
+    print(f"\n| {f'batch {args.batch}: train {args.seq}, generate {args.prompt}+{args.new}':<36} | {'tok/s':>7} |"
+          f" {'s/run':>6} |")
+    print(f"|{'-' * 38}|{'-' * 9}|{'-' * 8}|")
+    for name, tps in rows.items():
+        print(f"| {name:<36} | {tps:7.0f} | {best[name]:6.2f} |")
     checks = [("MoE step time / dense step time", "train dense, same active params", "train MoE ragged", "<= 1.4"),
               ("MoE ragged / reference tok/s", "train MoE ragged", "train MoE reference (every expert)", ">= 2"),
               ("MoE ragged / transformers train tok/s", "train MoE ragged", "train transformers MoE", ">= 2"),
               ("generation / transformers tok/s", "generate MoE ragged", "generate transformers MoE", "")]
     for label, a, b, target in checks:
-        if a in r and b in r:
-            print(f"{label}: {r[a] / r[b]:.2f}{'  (target ' + target + ')' if target else ''}")
+        if a in rows and b in rows:
+            print(f"{label}: {rows[a] / rows[b]:.2f}{'  (target ' + target + ')' if target else ''}")
 
 
 if __name__ == "__main__":

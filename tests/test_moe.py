@@ -44,7 +44,7 @@ def _to_hub_keys(directory):
     (dict(norm_topk_prob=True, num_experts_per_tok=2), True),
     (dict(norm_topk_prob=False, num_experts_per_tok=1, mlp_only_layers=[1]), False),
     (dict(norm_topk_prob=True, num_experts_per_tok=3, mlp_only_layers=[0]), True),
-])
+], ids=["norm-top2-hub_keys", "top1-mlp_only-t5_keys", "norm-top3-mlp_only-hub_keys"])
 def test_logits_and_aux_loss_match_transformers(tmp_path, hf_kw, hub_keys):
     ref = save_random(moe_config(**hf_kw), tmp_path)
     if hub_keys:
@@ -89,8 +89,9 @@ def test_balance_global_batch_recombines_to_the_full_batch_loss(tmp_path):
     combined = sum(moe.moe_losses(a, model.cfg, global_aux=full)["aux_loss"] * np.sum(a["tokens"]) for a in parts)
     want = _hf_forward(ref, tokens, mask, positions).aux_loss.item()
     np.testing.assert_allclose(combined / np.sum(full["tokens"]), want, rtol=1e-5)
-    local = moe.moe_losses(parts[0], dataclasses.replace(model.cfg, balance_global_batch=False), global_aux=full)
-    assert abs(float(local["aux_loss"]) - float(moe.moe_losses(parts[0], model.cfg, global_aux=full)["aux_loss"])) > 1e-4
+    # Without the flag a micro-batch is balanced on its own counts, a different number.
+    own = moe.moe_losses(parts[0], dataclasses.replace(model.cfg, balance_global_batch=False), global_aux=full)
+    assert not np.isclose(own["aux_loss"], moe.moe_losses(parts[0], model.cfg, global_aux=full)["aux_loss"])
 
 
 def test_routing_change_counts_changed_choices_ignoring_order():
@@ -140,7 +141,8 @@ def test_local_expert_kernels_with_a_slice_of_the_experts(kernel):
     d = jax.random.normal(ks[4], (X, F, E))
 
     def want(x, g, u, d):
-        y_NXE = jnp.einsum("nxf,xfe->nxe", jax.nn.silu(jnp.einsum("ne,xef->nxf", x, g)) * jnp.einsum("ne,xef->nxf", x, u), d)
+        h_NXF = jax.nn.silu(jnp.einsum("ne,xef->nxf", x, g)) * jnp.einsum("ne,xef->nxf", x, u)
+        y_NXE = jnp.einsum("nxf,xfe->nxe", h_NXF, d)
         local = (idx >= first) & (idx < first + 3)
         return jnp.einsum("nke,nk->ne", jnp.take_along_axis(y_NXE, idx[..., None], 1), jnp.where(local, w, 0))
 

@@ -87,16 +87,16 @@ class RLHyper:
     z_coef: float
 
 
-def _moe_terms(model: Qwen3, aux, mask_BT):
+def _moe_terms(model: Qwen3, aux):
     """Load-balance / z losses and routing statistics of an MoE forward (nothing for dense models)."""
     if not aux:
         return jnp.float32(0.0), {}
     from zenjax.models import moe  # noqa: PLC0415 - dense-only installs never need it
 
     cfg = model.cfg
-    terms = moe.moe_losses(aux, cfg, mask_BT)
+    terms = moe.moe_losses(aux, cfg)
     extra = cfg.router_aux_loss_coef * terms["aux_loss"] + cfg.router_z_loss_coef * terms["z_loss"]
-    stats = moe.routing_stats(aux, mask_BT)
+    stats = moe.routing_stats(aux)
     metrics = {"aux_loss": terms["aux_loss"], "z_loss": terms["z_loss"]}
     metrics.update({k: jnp.mean(v) for k, v in stats.items() if k != "expert_fraction"})
     return extra, metrics
@@ -115,8 +115,10 @@ def make_functions(state: State, cfg: Qwen3Config, tx, hyper: RLHyper, mesh: Mes
     @jax.jit
     def logprobs(params, tokens_NT, mask_NT):
         _, logp, _, aux = forward(params, tokens_NT, mask_NT)
-        topk = aux.get("topk")
-        return logp, (topk.astype(jnp.uint8) if topk is not None and cfg.num_experts <= 256 else topk)
+        topk = aux.get("topk")  # [L, N, T, k] -> [N, L, T, k] so minibatches slice rows; uint8 saves memory
+        if topk is not None:
+            topk = jnp.moveaxis(topk, 0, 1).astype(jnp.uint8 if cfg.num_experts <= 256 else jnp.int32)
+        return logp, topk
 
     def update(params, opt_state, batch, step):
         def objective(params):
@@ -124,13 +126,14 @@ def make_functions(state: State, cfg: Qwen3Config, tx, hyper: RLHyper, mesh: Mes
             comp = batch["completion_mask"]
             loss, metrics = loss_fn(logp, batch["old_logp"], batch["adv"], comp, ref_logp_BT=batch.get("ref_logp"),
                                     eps_low=hyper.eps_low, eps_high=hyper.eps_high, kl_coef=hyper.kl_coef)
-            extra, moe_metrics = _moe_terms(model, aux, batch["mask"])
+            extra, moe_metrics = _moe_terms(model, aux)
             metrics.update(moe_metrics)
             metrics["entropy"] = jnp.sum(ent * comp) / jnp.maximum(jnp.sum(comp), 1)
             if "old_topk" in batch and aux:
                 from zenjax.models import moe  # noqa: PLC0415
 
-                metrics["routing_change"] = moe.routing_change({"topk": batch["old_topk"]}, aux, batch["mask"])
+                old = {"topk": jnp.moveaxis(batch["old_topk"], 1, 0)}
+                metrics["routing_change"] = moe.routing_change(old, aux, batch["mask"])
             return loss + extra, metrics
 
         (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)

@@ -13,7 +13,8 @@ Under a mesh the experts run in `shard_map`: each device computes its own batch 
 tokens, each computes only the pairs routed to its X/n experts, and a reduce-scatter returns every token's sum
 to its owner. XLA:CPU has no `ragged_all_to_all`, and a fixed-size all-to-all that is safe for dropless routing
 must reserve a whole batch shard per destination, which is exactly an all-gather of the tokens (and the way back
-a reduce-scatter) -- with the same bytes as a ragged all-to-all of the pairs when n <= K, the usual case.
+a reduce-scatter). That sends each token to the n - 1 other devices of its group; a ragged all-to-all sends the
+K(n - 1)/n of its K pairs that leave the device: no more bytes when n <= K, the usual expert-parallel size.
 """
 from __future__ import annotations
 
@@ -124,10 +125,6 @@ def _sharded_experts(x_BTE, idx_BTK, w_BTK, gate_XEF, up_XEF, down_XFE):
         x_NE, idx_NK, w_NK = x_BTE.reshape(B * T, E), idx_BTK.reshape(B * T, -1), w_BTK.reshape(B * T, -1)
         if gather_ep:
             x_NE, idx_NK, w_NK = (jax.lax.all_gather(a, gather_ep, axis=0, tiled=True) for a in (x_NE, idx_NK, w_NK))
-        # Give every operand the union of their varying mesh axes (adding a zero that has it): the CPU kernel's
-        # custom VJP and loop carries must keep their inputs' types; autodiff sums the gradients back (psum).
-        zero = sum(jnp.zeros_like(a, shape=()) for a in (x_NE, gate_XEF, up_XEF, down_XFE))
-        x_NE, gate_XEF, up_XEF, down_XFE = (a + zero.astype(a.dtype) for a in (x_NE, gate_XEF, up_XEF, down_XFE))
         first = jax.lax.axis_index(ep) * gate_XEF.shape[0] if ep else 0
         y_NE = _local_experts(x_NE, idx_NK, w_NK, gate_XEF, up_XEF, down_XFE, first)
         if gather_ep:
@@ -152,7 +149,8 @@ def _local_experts(x_NE, idx_NK, w_NK, gate_XEF, up_XEF, down_XFE, first, kernel
     X = gate_XEF.shape[0]
     kernel = kernel or ("blocked" if jax.default_backend() == "cpu" else "ragged_dot")
     capacity = N * min(K, X)  # a token's K choices are distinct experts: at most min(K, X) of them land here
-    # The blocked kernel pads each expert's group to whole blocks; ~rows per expert keeps the padding under 2x.
+    # The blocked kernel pads each expert's group to whole blocks: a block of about the mean rows per expert keeps
+    # the padding under 2x, and at most 256 rows (larger blocks measured slower on CPU for the padding they add).
     block = 1 if kernel == "ragged_dot" else max(8, min(256, 1 << max(0, (capacity // X).bit_length() - 1)))
     lay = _layout(idx_NK.reshape(-1) - first, X, block, capacity)
     x_ME = _take_rows(x_NE, lay.src_M, lay.dest_P, K)
@@ -161,14 +159,15 @@ def _local_experts(x_NE, idx_NK, w_NK, gate_XEF, up_XEF, down_XFE, first, kernel
         h_MF = jax.nn.silu(jax.lax.ragged_dot(x_ME, gate_XEF, sizes)) * jax.lax.ragged_dot(x_ME, up_XEF, sizes)
         y_ME = jax.lax.ragged_dot(h_MF, down_XFE, sizes)
     elif kernel == "blocked":
-        y_ME = _blocked_mlp(x_ME, gate_XEF, up_XEF, down_XFE, lay.block_expert, lay.used_blocks, block)
+        y_ME = _blocked_mlp(*_vary_together(x_ME, gate_XEF, up_XEF, down_XFE), lay.block_expert, lay.used_blocks,
+                            block)
     else:
         raise ValueError(f"unknown expert kernel {kernel!r}: expected 'blocked' or 'ragged_dot'")
     y_NKE = _take_rows(y_ME, lay.dest_P, lay.src_M, 1).reshape(N, K, -1)
     return jnp.einsum("nke,nk->ne", y_NKE.astype(F32), w_NK).astype(x_NE.dtype)
 
 
-class Layout(NamedTuple):
+class _Layout(NamedTuple):
     dest_P: jax.Array  # buffer row of each pair; M (out of range) for pairs of experts held elsewhere
     src_M: jax.Array  # pair of each buffer row; P (out of range) for padding rows
     sizes_X: jax.Array  # pairs per expert
@@ -176,7 +175,7 @@ class Layout(NamedTuple):
     used_blocks: jax.Array
 
 
-def _layout(expert_P, num_experts: int, block: int, capacity: int) -> Layout:
+def _layout(expert_P, num_experts: int, block: int, capacity: int) -> _Layout:
     """Pairs sorted by expert (stable), each expert's group padded to a multiple of `block` rows. Experts outside
     [0, num_experts) are not placed. The buffer is sized for `capacity` placed pairs."""
     X, n_pairs = num_experts, expert_P.shape[0]
@@ -192,13 +191,14 @@ def _layout(expert_P, num_experts: int, block: int, capacity: int) -> Layout:
     dest_P = jnp.where(placed, (end_X - padded_X)[jnp.minimum(key_P, X - 1)] + rank_P, M).astype(jnp.int32)
     src_M = jnp.full((M,), n_pairs, jnp.int32).at[dest_P].set(jnp.arange(n_pairs, dtype=jnp.int32), mode="drop")
     block_expert = jnp.minimum(jnp.searchsorted(end_X, jnp.arange(n_blocks) * block, side="right"), X - 1)
-    return Layout(dest_P, src_M, sizes[:X], block_expert.astype(jnp.int32), end_X[-1] // block)
+    return _Layout(dest_P, src_M, sizes[:X], block_expert.astype(jnp.int32), end_X[-1] // block)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _take_rows(x_RE, rows_S, inverse_R, fan: int):
-    """out[s] = x[rows[s] // fan] (zeros where out of range). Each x row is read by at most `fan` outputs,
-    found through `inverse` ([R * fan]: the output reading each virtual row, out of range if none)."""
+    """out[s] = x[rows[s] // fan], zeros where rows[s] is out of range: a partial permutation of x's rows, each
+    repeated `fan` times. `inverse` [R * fan] names the output that reads each copy (out of range if none), so
+    the gradient is a gather too, summed over the copies."""
     return x_RE.at[rows_S // fan].get(mode="fill", fill_value=0)
 
 
@@ -220,6 +220,16 @@ _take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 # CPU the experts run as a loop over the filled blocks only, each block one expert's dense [block, E] x [E, F].
 
 
+def _vary_together(*arrays):
+    """Inside shard_map, give the arrays the union of the mesh axes they vary over (adding a zero that has it):
+    a custom VJP's cotangents and a loop's carries must keep their inputs' types. Autodiff sums each gradient
+    back over the axes its array did not vary over (the data-parallel psum of the weight gradients)."""
+    if not jax.sharding.get_abstract_mesh().manual_axes:
+        return arrays
+    zero = sum(jnp.zeros_like(a, shape=()) for a in arrays)
+    return tuple(a + zero.astype(a.dtype) for a in arrays)
+
+
 def _rows(a, j, block):
     return jax.lax.dynamic_slice_in_dim(a, j * block, block)
 
@@ -236,6 +246,7 @@ def _blocked_mlp(x_ME, gate_XEF, up_XEF, down_XFE, block_expert, used_blocks, bl
 def _blocked_mlp_fwd(x_ME, gate_XEF, up_XEF, down_XFE, block_expert, used_blocks, block):
     M, E = x_ME.shape
     F = gate_XEF.shape[-1]
+
     def body(j, carry):
         y_ME, a_MF, c_MF = carry
         x, e = _rows(x_ME, j, block), block_expert[j]
@@ -278,7 +289,7 @@ _blocked_mlp.defvjp(_blocked_mlp_fwd, _blocked_mlp_bwd)
 # Losses and statistics over the stacked aux of every MoE layer ([L, ...] per key, from `Qwen3.__call__`)
 
 
-def moe_losses(aux: dict, cfg: Qwen3Config, global_aux: dict | None = None) -> dict[str, jax.Array]:
+def moe_losses(aux: dict, cfg: Qwen3Config, *, global_aux: dict | None = None) -> dict[str, jax.Array]:
     """The router losses, NOT multiplied by their coefficients (the trainer adds
     `cfg.router_aux_loss_coef * aux_loss + cfg.router_z_loss_coef * z_loss`).
 
