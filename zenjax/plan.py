@@ -124,12 +124,13 @@ def activation_bytes(cfg: Qwen3Config, rows: int, seq_len: int, *, tensor: int =
                      chunk: int = 512, remat: bool) -> float:
     """Training activations of `rows` sequences on one device (module docstring)."""
     tokens = rows * seq_len
-    layers = [(n, sum(_layer_bytes(cfg, moe, seq_len, tensor, expert))) for moe, n in cfg.segments()]
+    layers = [(n, *_layer_bytes(cfg, moe, seq_len, tensor, expert)) for moe, n in cfg.segments()]
     if remat:
         saved = tokens * cfg.num_layers * cfg.hidden_size * jnp.dtype(cfg.dtype).itemsize
     else:
-        saved = tokens * sum(n * per_token for n, per_token in layers)
-    working = max(1.5 * tokens * max(per_token for _, per_token in layers),
+        # Attention probabilities are recomputed in backward (custom VJP), so only the working layer holds them.
+        saved = tokens * sum(n * other for n, _, other in layers)
+    working = max(1.5 * tokens * max(scores + other for _, scores, other in layers),
                   _head_chunk_bytes(cfg, rows, seq_len, chunk, tensor, copies=2))
     return saved + working
 
