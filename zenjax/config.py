@@ -31,26 +31,7 @@ def model_config_from(m: ml_collections.ConfigDict) -> Qwen3Config:
 
 def mesh_sizes(mesh: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
     """Mesh axis sizes for `num_devices`, resolving the one axis that may be -1 (as sharding.make_mesh does)."""
-    sizes = {a: int(mesh[a]) for a in sharding.MESH_AXES}
-    bad = {a: s for a, s in sizes.items() if s == 0 or s < -1}
-    if bad:
-        raise ValueError(f"mesh sizes must be positive or -1, got {bad}")
-    fill = [a for a, s in sizes.items() if s == -1]
-    if len(fill) > 1:
-        raise ValueError(f"only one mesh axis may be -1, got mesh.{' and mesh.'.join(fill)}")
-    fixed = math.prod(s for s in sizes.values() if s != -1)
-    if fill:
-        if num_devices % fixed:
-            raise ValueError(f"{num_devices} devices are not divisible by the fixed mesh axes' product {fixed} "
-                             f"({_show(sizes)})")
-        sizes[fill[0]] = num_devices // fixed
-    elif fixed != num_devices:
-        raise ValueError(f"mesh {_show(sizes)} has {fixed} devices but there are {num_devices}")
-    return sizes
-
-
-def _show(sizes: dict[str, int]) -> str:
-    return " ".join(f"{a}={s}" for a, s in sizes.items())
+    return sharding.mesh_sizes({a: mesh[a] for a in sharding.MESH_AXES}, num_devices)
 
 
 def _shards(logical: str, sizes: dict[str, int]) -> tuple[int, str]:

@@ -80,26 +80,31 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, P(*fixed))
 
 
+def mesh_sizes(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
+    """Resolve the one axis that may be -1; errors name the sizes and the device count."""
+    sizes = {a: int(sizes[a]) for a in MESH_AXES}
+    bad = {a: s for a, s in sizes.items() if s == 0 or s < -1}
+    if bad:
+        raise ValueError(f"mesh sizes must be positive or -1, got {bad}")
+    fill = [a for a, s in sizes.items() if s == -1]
+    if len(fill) > 1:
+        raise ValueError(f"only one mesh axis may be -1, got mesh.{' and mesh.'.join(fill)}")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    show = " ".join(f"{a}={s}" for a, s in sizes.items())
+    if fill:
+        if num_devices % fixed:
+            raise ValueError(f"{num_devices} devices are not divisible by the fixed mesh axes' product {fixed} "
+                             f"({show})")
+        sizes[fill[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ValueError(f"mesh {show} has {fixed} devices but there are {num_devices}")
+    return sizes
+
+
 def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, devices=None) -> Mesh:
     """A 4-axis mesh; one size may be -1 to take the remaining devices."""
     devices = jax.devices() if devices is None else devices
-    sizes = {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
-    for name, size in sizes.items():
-        if size == 0 or size < -1:
-            raise ValueError(f"mesh.{name}={size}: sizes must be positive or -1")
-    fill = [n for n, s in sizes.items() if s == -1]
-    if len(fill) > 1:
-        raise ValueError(f"only one mesh axis may be -1, got {fill}")
-    known = math.prod(s for s in sizes.values() if s != -1)
-    if fill:
-        if len(devices) % known:
-            raise ValueError(f"mesh: {len(devices)} devices are not divisible by the fixed axes' product {known}")
-        sizes[fill[0]] = len(devices) // known
-    total = math.prod(sizes.values())
-    if total != len(devices):
-        raise ValueError(
-            f"mesh data*fsdp*expert*tensor = {sizes['data']}*{sizes['fsdp']}*{sizes['expert']}*{sizes['tensor']} = {total}"
-            f" but there are {len(devices)} devices")
+    sizes = mesh_sizes({"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
     try:  # topology-aware placement (ICI rings on TPU); multi-slice or odd shapes fall back to plain order
         dev = mesh_utils.create_device_mesh(shape, devices=devices)
