@@ -1,4 +1,5 @@
 """Tiny random HF Qwen3 / Qwen3-MoE checkpoints, the reference every model test compares against."""
+import numpy as np
 import torch
 import transformers
 
@@ -31,3 +32,13 @@ def save_random(config, directory, seed=0, **save_kw):
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(directory, **save_kw)
     return model
+
+
+def padded_batch(vocab, lengths, T, seed=0):
+    """Left-padded tokens [B, T], mask and position ids; HF gets the position ids explicitly so both see the same."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (len(lengths), T))
+    mask = np.zeros((len(lengths), T), bool)
+    for i, n in enumerate(lengths):
+        mask[i, T - n:] = True
+    return np.where(mask, tokens, 0), mask, np.maximum(np.cumsum(mask, 1) - 1, 0)

@@ -10,19 +10,9 @@ import pytest
 import torch
 from flax import nnx
 
-from tests.hf_util import moe_config, save_random
+from tests.hf_util import moe_config, padded_batch, save_random
 from zenjax.models import Qwen3Config, moe
 from zenjax.models.hf import load_hf
-
-
-def _padded_batch(vocab, lengths, T, seed=0):
-    """Left-padded tokens and mask; HF gets explicit position ids so both see the same positions."""
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, vocab, (len(lengths), T))
-    mask = np.zeros((len(lengths), T), bool)
-    for i, n in enumerate(lengths):
-        mask[i, T - n:] = True
-    return np.where(mask, tokens, 0), mask, np.maximum(np.cumsum(mask, 1) - 1, 0)
 
 
 def _hf_forward(model, tokens, mask, positions):
@@ -54,7 +44,7 @@ def test_logits_and_aux_loss_match_transformers(tmp_path, hf_kw, hub_keys):
     assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob) == (6, hf_kw["num_experts_per_tok"],
                                                                              hf_kw["norm_topk_prob"])
     assert cfg.mlp_only_layers == tuple(hf_kw.get("mlp_only_layers", ()))
-    tokens, mask, positions = _padded_batch(cfg.vocab_size, [9, 5, 1], 9)
+    tokens, mask, positions = padded_batch(cfg.vocab_size, [9, 5, 1], 9)
     logits, aux = jax.jit(lambda m, t, k: m(t, k))(model, tokens, mask)
     want = _hf_forward(ref, tokens, mask, positions)
     np.testing.assert_array_less(np.abs(np.asarray(logits) - want.logits.numpy())[mask].max(), 1e-4)
@@ -82,7 +72,7 @@ def test_balance_global_batch_recombines_to_the_full_batch_loss(tmp_path):
     # transformers loss of the whole batch.
     ref = save_random(moe_config(), tmp_path)
     model = load_hf(str(tmp_path), dtype="float32", balance_global_batch=True)
-    tokens, mask, positions = _padded_batch(model.cfg.vocab_size, [8, 3, 6, 8], 8, seed=2)
+    tokens, mask, positions = padded_batch(model.cfg.vocab_size, [8, 3, 6, 8], 8, seed=2)
     fwd = jax.jit(lambda m, t, k: m(t, k)[1])
     full = fwd(model, tokens, mask)
     parts = [fwd(model, tokens[s], mask[s]) for s in (slice(0, 2), slice(2, 4))]

@@ -5,21 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.hf_util import dense_config, save_random
+from tests.hf_util import dense_config, padded_batch, save_random
 from zenjax.models import KVCache, Qwen3Config, token_logprobs
 from zenjax.models.hf import load_hf
-
-
-def _padded_batch(vocab, lengths, T, seed=0):
-    """Left-padded tokens [B, T] and mask; HF gets explicit position ids so both see the same positions."""
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, vocab, (len(lengths), T))
-    mask = np.zeros((len(lengths), T), bool)
-    for i, n in enumerate(lengths):
-        mask[i, T - n:] = True
-    tokens = np.where(mask, tokens, 0)
-    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
-    return tokens, mask, positions
 
 
 def _hf_logits(model, tokens, mask, positions):
@@ -35,7 +23,7 @@ def test_logits_match_transformers(tmp_path, tied, head_dim):
     ref = save_random(hf_cfg, tmp_path)
     model = load_hf(str(tmp_path), dtype="float32")
     assert model.cfg.tie_embeddings == tied and model.cfg.head_dim == head_dim
-    tokens, mask, positions = _padded_batch(hf_cfg.vocab_size, [9, 5, 1], 9)
+    tokens, mask, positions = padded_batch(hf_cfg.vocab_size, [9, 5, 1], 9)
     ours, _ = jax.jit(lambda m, t, k: m(t, k))(model, tokens, mask)
     want = _hf_logits(ref, tokens, mask, positions)
     np.testing.assert_array_less(np.abs(np.asarray(ours) - want)[mask].max(), 1e-4)
@@ -54,7 +42,7 @@ def test_config_accepts_hub_and_transformers5_keys():
 def test_cached_decoding_equals_full_forward(tmp_path):
     save_random(dense_config(), tmp_path)
     model = load_hf(str(tmp_path), dtype="float32")
-    tokens, mask, _ = _padded_batch(model.cfg.vocab_size, [7, 4], 10, seed=1)
+    tokens, mask, _ = padded_batch(model.cfg.vocab_size, [7, 4], 10, seed=1)
     full, _ = model(tokens, mask)
     prompt = 6  # prefill 6 tokens, then feed the remaining 4 one at a time
     cache = KVCache.init(model.cfg, 2, 12)
