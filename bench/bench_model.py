@@ -73,7 +73,9 @@ def jax_train(cfg, tokens, steps):
 
 def jax_generate(cfg, prompts, new, repeats):
     model = Qwen3(cfg, rngs=nnx.Rngs(0))
-    run = lambda: sample(model, prompts, max_new_tokens=new, rng=None, greedy=True).tokens.block_until_ready()  # noqa: E731
+
+    def run():  # no EOS: every row generates all `new` tokens
+        sample(model, prompts, max_new_tokens=new, rng=None, greedy=True).tokens.block_until_ready()
     return best_time(run, repeats)
 
 
@@ -84,7 +86,7 @@ def hf_model(cfg: Qwen3Config):
     torch.manual_seed(0)
     hf = cfg.to_hf()
     hf.pop("torch_dtype")
-    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**hf)).float()
+    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**hf)).to(getattr(torch, cfg.dtype))
 
 
 def hf_train(cfg, tokens, steps):
@@ -154,7 +156,8 @@ def main():
         n = args.batch * args.new
         ours = n / jax_generate(cfg, prompts, args.new, args.repeats)
         ref = n / hf_generate(cfg, prompts, args.new, args.repeats) if use_hf else None
-        rows.append((f"generate ({args.prompt}+{args.new}, greedy) tok/s", ours, ref, ""))
+        rows.append((f"generate ({args.prompt}+{args.new}, greedy) tok/s", ours, ref,
+                     f"{1e3 * args.batch / ours:.1f} ms/token step, prefill included"))
     print(f"\n| {'metric':<36} | {'zenjax':>9} | {'transformers':>12} | {'ratio':>6} | note")
     print(f"|{'-' * 38}|{'-' * 11}|{'-' * 14}|{'-' * 8}|------")
     for name, ours, ref, note in rows:

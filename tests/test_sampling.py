@@ -8,7 +8,7 @@ from flax import nnx
 
 from tests.hf_util import dense_config, save_random
 from zenjax.models.hf import load_hf
-from zenjax.sampling import sample
+from zenjax.sampling import _generate, _nucleus, sample
 from zenjax.sharding import make_mesh, named
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [1, 2, 3, 4, 5], [60, 61, 62, 63]]
@@ -71,6 +71,9 @@ def test_greedy_equals_transformers_and_samples_share_the_prompt(models, greedy)
         if n < 12:
             assert tokens[2 * i, n - 1] == eos and np.all(tokens[2 * i, n:] == 0)
     assert mask[2 * row].sum() == stop + 1 and tokens[2 * row, stop] == eos
+    compiled = _generate._cache_size()
+    sample(model, [p + [9] for p in PROMPTS], **kw)  # new lengths in the same bucket: no retrace
+    assert _generate._cache_size() == compiled
 
 
 def test_logprobs_are_the_raw_model_distribution(models):
@@ -89,38 +92,63 @@ def test_logprobs_are_the_raw_model_distribution(models):
     assert not np.array_equal(tokens[0], tokens[1])  # two samples of one prompt are drawn independently
 
 
+def _allowed(probs, top_k=0, top_p=1.0):
+    """Reference truncation on the last axis: transformers' top-k (ties with the k-th stay), then the sorted
+    nucleus (a token stays while the mass ranked above it is < top_p)."""
+    keep = np.ones(probs.shape, bool)
+    if top_k:
+        keep &= probs >= -np.sort(-probs, axis=-1)[..., top_k - 1:top_k]
+    probs = np.where(keep, probs, 0) / np.where(keep, probs, 0).sum(-1, keepdims=True)
+    order = np.argsort(-probs, axis=-1, kind="stable")
+    sorted_ = np.take_along_axis(probs, order, -1)
+    in_nucleus = np.zeros(probs.shape, bool)
+    np.put_along_axis(in_nucleus, order, np.cumsum(sorted_, -1) - sorted_ < top_p, -1)
+    return keep & in_nucleus
+
+
 def test_top_p_never_emits_excluded_tokens(models):
     _, _, sharp = models
     T, top_p = 1.3, 0.6
     out = sample(sharp, PROMPTS, num_samples=16, max_new_tokens=4, rng=jax.random.key(2), temperature=T,
                  top_p=top_p)
-    full = _full_logprobs(sharp, out)
-    probs = jax.nn.softmax(full / T, axis=-1)
+    probs = np.asarray(jax.nn.softmax(_full_logprobs(sharp, out) / T, axis=-1))
+    allowed = _allowed(probs, top_p=top_p)
     tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
-    p_tok = np.take_along_axis(probs, tokens[..., None], axis=-1)
-    before = np.where(probs > p_tok, probs, 0).sum(-1)  # mass of the tokens ranked above the emitted one
-    assert mask.all() and before.max() < top_p
-    assert (probs > 0.01).sum(-1).min() > 3  # the nucleus really excludes tokens a plain sampler would emit
+    assert mask.all() and np.take_along_axis(allowed, tokens[..., None], axis=-1).all()
+    assert np.where(allowed, 0, probs).sum(-1).min() > 0.05  # what is excluded would be drawn without top_p
 
 
-def test_temperature_sampling_follows_the_model_distribution(models):
+def test_nucleus_is_the_sorted_cumulative_rule():
+    probs = jax.nn.softmax(3 * jax.random.normal(jax.random.key(4), (64, 500)), axis=-1)
+    for top_p in (0.05, 0.5, 0.9, 0.999):
+        np.testing.assert_array_equal(np.asarray(_nucleus(probs, top_p)), _allowed(np.asarray(probs), top_p=top_p))
+
+
+@pytest.mark.parametrize("T,top_k,top_p", [(0.6, 0, 1.0), (1.0, 4, 1.0), (1.0, 0, 0.8)])
+def test_sampling_follows_the_truncated_model_distribution(models, T, top_k, top_p):
     _, _, sharp = models
-    T, n = 0.6, 4000
-    out = sample(sharp, PROMPTS[:1], num_samples=n, max_new_tokens=1, rng=jax.random.key(3), temperature=T)
+    n = 4000
+    out = sample(sharp, PROMPTS[:1], num_samples=n, max_new_tokens=1, rng=jax.random.key(3), temperature=T,
+                 top_k=top_k, top_p=top_p)
     counts = np.bincount(np.asarray(out.tokens)[:, 0], minlength=sharp.cfg.vocab_size)
     logits = _full_logprobs(sharp, type(out)(*(a[:1] for a in out)))[0, 0]
 
     def chi2(temperature):
-        expected = n * np.asarray(jax.nn.softmax(logits / temperature))
+        probs = np.asarray(jax.nn.softmax(logits / temperature), np.float64)
+        allowed = _allowed(probs, top_k, top_p)
+        expected = n * np.where(allowed, probs, 0) / np.where(allowed, probs, 0).sum()
         big = expected >= 5  # pool the rare tokens into one bin
-        obs = np.append(counts[big], counts[~big].sum())
-        exp = np.append(expected[big], expected[~big].sum())
-        return ((obs - exp) ** 2 / exp).sum(), big.sum()
+        obs, exp = counts[big], expected[big]
+        if expected[~big].sum() > 0:
+            obs, exp = np.append(obs, counts[~big].sum()), np.append(exp, expected[~big].sum())
+        return ((obs - exp) ** 2 / exp).sum(), len(exp) - 1, allowed
 
-    stat, df = chi2(T)
+    stat, df, allowed = chi2(T)
+    assert counts[~allowed].sum() == 0 and df >= 3
     bound = df + 6 * np.sqrt(2 * df)  # ~6 sigma: never flakes, yet a wrong temperature is far outside
-    assert df >= 5 and stat < bound, (stat, bound)
-    assert chi2(1.0)[0] > 3 * bound and chi2(0.45)[0] > 3 * bound
+    assert stat < bound, (stat, bound)
+    if not top_k and top_p == 1:
+        assert chi2(1.0)[0] > 3 * bound and chi2(0.45)[0] > 3 * bound
 
 
 def test_sharded_params_under_a_mesh_give_the_same_tokens(models, greedy):

@@ -42,6 +42,11 @@ def sample(model: Qwen3, prompts: Sequence[Sequence[int]], *, num_samples: int =
     and then to the smallest set whose probability reaches `top_p` (transformers' order and rule); `greedy`
     takes the argmax. `cache_len` fixes the KV-cache length (default: padded prompt + max_new_tokens), so
     callers with varying prompt lengths can share one compiled function.
+
+    One compilation serves every call with the same model structure, padded shapes and static settings
+    (num_samples, max_new_tokens, cache_len, greedy, top_k, whether top_p < 1, eos_ids); weights, rng,
+    temperature and top_p are traced values. The cache is allocated inside the jitted function and carried
+    by the loop, so there is nothing to donate.
     """
     cfg = model.cfg
     V = cfg.vocab_size
@@ -99,7 +104,8 @@ def _choose(logits_NV, key, temperature, top_p, *, greedy: bool, top_k: int, use
         return _argmax(logits_NV)
     x_NV = logits_NV / temperature
     if top_k:  # transformers' rule: drop logits below the k-th largest (ties with it stay)
-        kth_N1 = jax.lax.top_k(x_NV, top_k)[0][:, -1:]
+        # min over the k values, not [:, -1]: XLA rewrites a slice of top_k into a full sort of the vocabulary.
+        kth_N1 = jnp.min(jax.lax.top_k(x_NV, top_k)[0], axis=-1, keepdims=True)
         x_NV = jnp.where(x_NV < kth_N1, -jnp.inf, x_NV)
     if use_top_p:
         x_NV = jnp.where(_nucleus(jax.nn.softmax(x_NV, axis=-1), top_p), x_NV, -jnp.inf)

@@ -240,12 +240,7 @@ class Attention(nnx.Module):
         if T == 1:
             out_BTKGD = self._decode_attention(q_BTKGD[:, 0], k_BSKD, v_BSKD, mask_BTS[:, 0])[:, None].astype(dt)
         else:
-            scores = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD.astype(dt),
-                                preferred_element_type=jnp.float32) * (D ** -0.5)
-            # A finite floor keeps fully-masked (padding) query rows finite instead of NaN.
-            scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-            out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKD.astype(dt))
+            out_BTKGD = _attend(q_BTKGD, k_BSKD.astype(dt), v_BSKD.astype(dt), mask_BTS)
         out_BTE = jnp.einsum("bthd,hde->bte", out_BTKGD.reshape(B, T, H, D), self.o[...].astype(dt))
         return out_BTE, kv
 
@@ -259,6 +254,42 @@ class Attention(nnx.Module):
         scores_BSKG = jnp.where(mask_BS[:, :, None, None], scores_BSKG, jnp.finfo(f32).min)
         probs_BSKG = jax.nn.softmax(scores_BSKG, axis=1)
         return jnp.sum(probs_BSKG[..., None] * v_BSKD[:, :, :, None].astype(f32), axis=1)
+
+
+def _scores(q_BTKGD, k_BSKD, mask_BTS):
+    scores = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD, preferred_element_type=jnp.float32)
+    # A finite floor keeps fully-masked (padding) query rows finite instead of NaN.
+    return jnp.where(mask_BTS[:, None, None], scores * q_BTKGD.shape[-1] ** -0.5, jnp.finfo(jnp.float32).min)
+
+
+def _attend_fwd(q_BTKGD, k_BSKD, v_BSKD, mask_BTS):
+    scores = _scores(q_BTKGD, k_BSKD, mask_BTS)
+    # Max and sum kept apart (not as one log-sum-exp): on a fully-masked row the floor swallows log(S).
+    max_ = jnp.max(scores, axis=-1, keepdims=True)
+    exp = jnp.exp(scores - max_)
+    sum_ = jnp.sum(exp, axis=-1, keepdims=True)
+    out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", (exp / sum_).astype(q_BTKGD.dtype), v_BSKD)
+    return out_BTKGD, (q_BTKGD, k_BSKD, v_BSKD, mask_BTS, out_BTKGD, max_, sum_)
+
+
+def _attend_bwd(res, dout_BTKGD):
+    # The [B, K, G, T, S] probabilities are recomputed from q, k and the softmax normaliser rather than stored
+    # for every layer: one more q.k matmul instead of a residual that grows with T^2.
+    q_BTKGD, k_BSKD, v_BSKD, mask_BTS, out_BTKGD, max_, sum_ = res
+    dt = q_BTKGD.dtype
+    probs = jnp.exp(_scores(q_BTKGD, k_BSKD, mask_BTS) - max_) / sum_
+    dv_BSKD = jnp.einsum("bkgts,btkgd->bskd", probs.astype(dt), dout_BTKGD)
+    dprobs = jnp.einsum("btkgd,bskd->bkgts", dout_BTKGD, v_BSKD, preferred_element_type=jnp.float32)
+    delta_BTKG = jnp.sum(dout_BTKGD.astype(jnp.float32) * out_BTKGD.astype(jnp.float32), axis=-1)
+    dscores = probs * (dprobs - jnp.moveaxis(delta_BTKG, 1, -1)[..., None])
+    dscores = jnp.where(mask_BTS[:, None, None], dscores * q_BTKGD.shape[-1] ** -0.5, 0.0).astype(dt)
+    dq_BTKGD = jnp.einsum("bkgts,bskd->btkgd", dscores, k_BSKD)
+    dk_BSKD = jnp.einsum("bkgts,btkgd->bskd", dscores, q_BTKGD)
+    return dq_BTKGD, dk_BSKD, dv_BSKD, None
+
+
+_attend = jax.custom_vjp(lambda q, k, v, mask: _attend_fwd(q, k, v, mask)[0])
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 class MLP(nnx.Module):
@@ -296,6 +327,7 @@ def _swiglu_bwd(res, dy_BTE):
     du_BTF = constrain((dh_BTF * act).astype(dt), ("batch", "seq", "act_mlp"))
     h_BTF = (act * u).astype(dt)
     dx_BTE = dg_BTF @ gate_EF.T + du_BTF @ up_EF.T
+    # down's gradient as (dy^T h)^T: the matmul then transposes the embed-sized dy, not the mlp-sized h.
     return (dx_BTE, jnp.einsum("bte,btf->ef", x_BTE, dg_BTF), jnp.einsum("bte,btf->ef", x_BTE, du_BTF),
             jnp.einsum("bte,btf->ef", dy_BTE, h_BTF).T)
 
