@@ -92,6 +92,18 @@ def test_logprobs_are_the_raw_model_distribution(models):
     assert not np.array_equal(tokens[0], tokens[1])  # two samples of one prompt are drawn independently
 
 
+def test_vocab_limit_keeps_padded_ids_out_but_logprobs_raw(models):
+    _, model, _ = models
+    out = sample(model, PROMPTS, num_samples=8, max_new_tokens=6, rng=jax.random.key(4), vocab_limit=40)
+    full = _full_logprobs(model, out)
+    tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+    assert tokens[mask].max() < 40
+    # Without the limit these rows would emit ids >= 40: most of the random model's mass lies there.
+    assert np.exp(full[..., 40:]).sum(-1)[mask].min() > 0.3
+    want = np.take_along_axis(full, tokens[..., None], axis=-1)[..., 0]
+    np.testing.assert_allclose(np.asarray(out.logprobs)[mask], want[mask], atol=1e-4)
+
+
 def _allowed(probs, top_k=0, top_p=1.0):
     """Reference truncation on the last axis: transformers' top-k (ties with the k-th stay), then the sorted
     nucleus (a token stays while the mass ranked above it is < top_p)."""

@@ -35,13 +35,14 @@ class SampleOutput(NamedTuple):
 def sample(model: Qwen3, prompts: Sequence[Sequence[int]], *, num_samples: int = 1, max_new_tokens: int,
            rng: jax.Array | None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            eos_ids: Sequence[int] = (), pad_id: int = 0, greedy: bool = False,
-           cache_len: int | None = None) -> SampleOutput:
+           cache_len: int | None = None, vocab_limit: int | None = None) -> SampleOutput:
     """Generate `num_samples` completions of up to `max_new_tokens` tokens for each prompt.
 
     Sampling draws from softmax(logits / temperature) restricted to the `top_k` most likely tokens (0 = all)
     and then to the smallest set whose probability reaches `top_p` (transformers' order and rule); `greedy`
     takes the argmax. `cache_len` fixes the KV-cache length (default: padded prompt + max_new_tokens), so
-    callers with varying prompt lengths can share one compiled function.
+    callers with varying prompt lengths can share one compiled function. `vocab_limit` (the tokenizer's size)
+    keeps ids the model's padded vocabulary has but the tokenizer lacks from being sampled.
 
     One compilation serves every call with the same model structure, padded shapes and static settings
     (num_samples, max_new_tokens, cache_len, greedy, top_k, whether top_p < 1, eos_ids); weights, rng,
@@ -96,7 +97,8 @@ def sample(model: Qwen3, prompts: Sequence[Sequence[int]], *, num_samples: int =
     return _generate(graphdef, state, tokens_PL, mask_PL, rng, jnp.float32(temperature if not greedy else 1.0),
                      jnp.float32(top_p), jnp.int32(pad_id), num_samples=num_samples, max_new=max_new_tokens,
                      cache_len=cache_len, greedy=greedy, top_k=0 if greedy else top_k,
-                     use_top_p=not greedy and top_p < 1, eos_ids=eos_ids)
+                     use_top_p=not greedy and top_p < 1, eos_ids=eos_ids,
+                     vocab_limit=None if vocab_limit is None or vocab_limit >= V else int(vocab_limit))
 
 
 def _choose(logits_NV, key, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool):
@@ -141,9 +143,9 @@ def _nucleus(probs_NV, top_p):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "max_new", "cache_len", "greedy", "top_k",
-                                             "use_top_p", "eos_ids"))
+                                             "use_top_p", "eos_ids", "vocab_limit"))
 def _generate(graphdef, state, prompt_PL, pmask_PL, rng, temperature, top_p, pad_id, *, num_samples, max_new,
-              cache_len, greedy, top_k, use_top_p, eos_ids):
+              cache_len, greedy, top_k, use_top_p, eos_ids, vocab_limit):
     model = nnx.merge(graphdef, state)
     P, _ = prompt_PL.shape
     N = P * num_samples
@@ -160,7 +162,10 @@ def _generate(graphdef, state, prompt_PL, pmask_PL, rng, temperature, top_p, pad
 
     def emit(t, logits_NV, done_N, tokens_NM, mask_NM, logp_NM):
         """Choose token t for the rows still running; rows that are done get pad and mask 0."""
-        tok_N = _choose(logits_NV, jax.random.fold_in(rng, t), temperature, top_p, greedy=greedy, top_k=top_k,
+        allowed_NV = logits_NV
+        if vocab_limit is not None:  # only for choosing: log-probs stay those of the raw model, as GSPO needs
+            allowed_NV = jnp.where(jnp.arange(logits_NV.shape[-1]) < vocab_limit, logits_NV, -jnp.inf)
+        tok_N = _choose(allowed_NV, jax.random.fold_in(rng, t), temperature, top_p, greedy=greedy, top_k=top_k,
                         use_top_p=use_top_p)
         logp_N = jnp.take_along_axis(jax.nn.log_softmax(logits_NV, axis=-1), tok_N[:, None], axis=-1)[:, 0]
         live_N = ~done_N
