@@ -6,6 +6,7 @@ at the end and on SIGTERM/SIGINT; a restart with the same workdir resumes exactl
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -39,7 +40,7 @@ FLAGS = flags.FLAGS
 
 
 def _put(tree, mesh):
-    """Host batch -> arrays sharded over the batch axes (each process passes its rows in multi-host runs)."""
+    """Host batch -> arrays sharded over the batch axes (each process passes its `_local_rows`)."""
     def one(x):
         x = np.asarray(x)
         sh = sharding.batch_sharding(mesh, x.ndim)
@@ -47,11 +48,22 @@ def _put(tree, mesh):
     return jax.tree.map(one, tree)
 
 
-def _minibatches(batch: dict, m: int):
-    n = len(batch["adv"])
-    size = n // m
-    for i in range(m):
-        yield {k: v[i * size:(i + 1) * size] for k, v in batch.items()}
+def _local_rows(mesh, n: int) -> np.ndarray:
+    """The rows of an n-row global batch that this process passes to `_put`, in the order it expects them."""
+    size = n // sharding.axis_size(mesh, "batch")
+    index = sharding.batch_sharding(mesh, 1).addressable_devices_indices_map((n,)).values()
+    return np.concatenate([np.arange(s, s + size) for s in sorted({i[0].start or 0 for i in index})])
+
+
+@functools.partial(jax.jit, static_argnums=(1, 3))
+def _minibatch(batch: dict, mesh, i, m: int) -> dict:
+    """Rows [i n/m, (i+1) n/m) of a batch on device, spread over the batch axes again. Cut on device because
+    in multi-process runs those rows come from a few processes' shares."""
+    def one(x):
+        size = x.shape[0] // m
+        return jax.lax.with_sharding_constraint(jax.lax.dynamic_slice_in_dim(x, i * size, size),
+                                                sharding.batch_sharding(mesh, x.ndim))
+    return jax.tree.map(one, batch)
 
 
 def _sft_batch(items, tokenizer):
@@ -98,9 +110,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints,
                         save_every=config.checkpoint_every)
     key = jax.random.key(config.seed)
-    P = rl.prompts_per_step // jax.process_count()
-    loader = PromptLoader(config.data, tokenizer, batch_size=P, seed=config.seed,
-                          process_index=jax.process_index(), process_count=jax.process_count())
+    # Every process reads the whole batch (the sampler needs the same prompts everywhere) and so holds the same
+    # data-iterator state, which then resumes on any number of processes. Each scores and trains on its rows.
+    loader = PromptLoader(config.data, tokenizer, batch_size=rl.prompts_per_step, seed=config.seed)
+    rows = _local_rows(mesh, rl.prompts_per_step * rl.group_size)
     held_out = [dict(it, prompt_ids=tokenizer.encode_prompt(it["prompt"])) for it in eval_items(config.data)]
 
     with jax.set_mesh(mesh):
@@ -133,22 +146,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             t0 = time.perf_counter()
             items = next(loader)
             rng = jax.random.fold_in(key, step)
-            batch, metrics, _ = rollout.collect(state.model(), items, tokenizer, rl, config.rewards, rng)
+            batch, metrics, _ = rollout.collect(state.model(), items, tokenizer, rl, config.rewards, rng, rows)
             t1 = time.perf_counter()
-            tokens, mask = _put((batch["tokens"], batch["mask"]), mesh)
-            old_logp, old_topk = logprobs_fn(state.params, tokens, mask)
-            if rl.old_logprobs == "sampler":
-                old_logp = _put(batch["sampler_logp"], mesh)
-            batch["old_logp"] = np.asarray(jax.device_get(old_logp))
+            sampler_logp = batch.pop("sampler_logp")
+            batch = _put(batch, mesh)
+            old_logp, old_topk = logprobs_fn(state.params, batch["tokens"], batch["mask"])
+            batch["old_logp"] = _put(sampler_logp, mesh) if rl.old_logprobs == "sampler" else old_logp
             if old_topk is not None:
-                batch["old_topk"] = np.asarray(jax.device_get(old_topk))
+                batch["old_topk"] = old_topk
             if ref_params is not None:
-                batch["ref_logp"] = np.asarray(jax.device_get(logprobs_fn(ref_params, tokens, mask)[0]))
-            del batch["sampler_logp"]
+                batch["ref_logp"] = logprobs_fn(ref_params, batch["tokens"], batch["mask"])[0]
+            jax.block_until_ready(batch)
             t2 = time.perf_counter()
             mb_metrics = []
-            for i, mb in enumerate(_minibatches(batch, rl.minibatches)):
-                state.params, state.opt_state, m = update_fn(state.params, state.opt_state, _put(mb, mesh),
+            for i in range(rl.minibatches):
+                state.params, state.opt_state, m = update_fn(state.params, state.opt_state,
+                                                             _minibatch(batch, mesh, i, rl.minibatches),
                                                              step * rl.minibatches + i)
                 mb_metrics.append(m)
             mb_metrics = jax.device_get(mb_metrics)
@@ -158,7 +171,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             for k in mb_metrics[0]:
                 metrics[k] = float(np.mean([m[k] for m in mb_metrics]))
             metrics["skipped_updates"] = sum(m["finite"] == 0 for m in mb_metrics)
-            n_tok = batch["mask"].sum()
+            n_tok = int(jnp.sum(batch["mask"]))
             metrics.update(time_logprobs=t2 - t1, time_updates=t3 - t2, time_step=t3 - t0,
                            tok_per_s=float(n_tok * (rl.minibatches + 1) / max(t3 - t1, 1e-9)),
                            sampled_tok_per_s=metrics["sampled_tokens"] / max(metrics["time_sampling"], 1e-9))
@@ -194,12 +207,13 @@ def _warm_up(state: State, config, tokenizer, mesh, writer) -> State:
                                rl.sft_steps)
     sft_state = init_state(model_config_from(config.model), sft_tx, mesh, config.seed, state.params)
     step_fn = make_sft_step(sft_state, sft_tx)
-    loader = PromptLoader(config.data, tokenizer, batch_size=rl.prompts_per_step * rl.group_size // jax.process_count(),
-                          seed=config.seed + 1, process_index=jax.process_index(),
-                          process_count=jax.process_count())
+    n = rl.prompts_per_step * rl.group_size
+    # The whole batch on every process: its padded length must be the same everywhere.
+    loader = PromptLoader(config.data, tokenizer, batch_size=n, seed=config.seed + 1)
+    rows = _local_rows(mesh, n)
     params, opt_state = sft_state.params, sft_state.opt_state
     for i in range(rl.sft_steps):
-        tokens, mask, target = _put(_sft_batch(next(loader), tokenizer), mesh)
+        tokens, mask, target = _put(tuple(x[rows] for x in _sft_batch(next(loader), tokenizer)), mesh)
         params, opt_state, loss = step_fn(params, opt_state, tokens, mask, target)
         if (i + 1) % max(rl.sft_steps // 5, 1) == 0:
             writer.log(f"warm-up {i + 1}/{rl.sft_steps}: cross-entropy {float(loss):.3f}")
