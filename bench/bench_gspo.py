@@ -35,6 +35,7 @@ class IdsTokenizer:
     """Decodes ids as numbers so the math reward has text to score; no EOS so completions are full length."""
     eos_ids: tuple = ()
     pad_id = 0
+    vocab_size = SHAPE["vocab_size"]
 
     def decode(self, ids):
         return " ".join(map(str, ids))

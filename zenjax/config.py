@@ -57,7 +57,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
         errors.append(f"rl.group_size={rl.group_size}: group advantages need at least 2 completions per prompt")
     if rl.prompts_per_step % procs:
         errors.append(f"rl.prompts_per_step={rl.prompts_per_step} is not divisible by the {procs} processes "
-                      "(each loads its share of prompts)")
+                      "(each scores its share of the prompts)")
     rows = rl.prompts_per_step * rl.group_size
     batch_shards = math.prod(sizes[a] for a in BATCH_AXES)
     if rl.minibatches < 1 or rows % rl.minibatches:

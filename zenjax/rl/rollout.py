@@ -66,9 +66,8 @@ def _whole_batch(r: np.ndarray, info: dict, rows: np.ndarray, n: int) -> tuple[n
     """All n rewards and the reward info of the whole batch, from each process's share."""
     if jax.process_count() == 1:
         return r, info
-    # Processes that hold the same rows (a batch replicated over them) count once.
-    shares = list({tuple(s["rows"]): s for s in _allgather_json({"rows": rows.tolist(), "r": r.tolist(),
-                                                                 "info": info})}.values())
+    gathered = _allgather_json({"rows": rows.tolist(), "r": r.tolist(), "info": info})
+    shares = list({tuple(s["rows"]): s for s in gathered}.values())  # a batch replicated over processes counts once
     r_all = np.zeros(n, np.float32)
     for s in shares:
         r_all[s["rows"]] = s["r"]
