@@ -12,7 +12,7 @@ PANELS = (
     ("clip fraction", ("clip_frac_low", "clip_frac_high")),
     ("ratio / KL", ("ratio_mean", "ratio_min", "ratio_max", "kl")),
     ("completion length", ("completion_len_mean", "completion_len_max")),
-    ("expert load", ("max_mean_load", "dead_experts", "routing_change", "aux_loss")),
+    ("expert load", ("max_load_ratio", "dead_experts", "routing_change", "aux_loss")),
     ("optimisation", ("grad_norm", "entropy")),
 )
 
