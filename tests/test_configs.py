@@ -199,7 +199,7 @@ def test_unknown_variant_is_rejected():
 
 def test_validate_names_fields_and_numbers():
     c = load("next", "tiny")  # 8 experts, 4 heads / 2 kv heads, 8 prompts x 8 completions
-    c.rl.minibatches = 3
+    c.rl.prompts_per_step, c.rl.group_size, c.rl.minibatches = 8, 8, 3
     c.mesh.data, c.mesh.expert = 2, 3
     with pytest.raises(ValueError) as e:
         validate(c, num_devices=6, num_processes=1)
@@ -209,7 +209,7 @@ def test_validate_names_fields_and_numbers():
 
     c = load("nano", "tiny")
     c.mesh.data, c.mesh.tensor = 1, 3
-    c.rl.minibatches = 16  # minibatches of 4 sequences over 8 batch shards
+    c.rl.prompts_per_step, c.rl.minibatches = 8, 16  # minibatches of 4 sequences over 8 batch shards
     with pytest.raises(ValueError) as e:
         validate(c, num_devices=3, num_processes=1)
     assert "model.num_heads=4 is not divisible by mesh.tensor=3" in str(e.value)
