@@ -94,3 +94,25 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path):
     shutil.rmtree(os.path.join(workdir, "checkpoints"))
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         assert all(json.loads(line)["step"] <= 3 for line in f)
+
+
+def test_jsonl_prompts_with_an_hf_tokenizer_and_the_math_reward(tmp_path):
+    from tests.test_tokenizer import _save_bpe  # noqa: PLC0415 - the tiny BPE with a chat template
+
+    _save_bpe(tmp_path / "tok")
+    lines = [{"id": f"q{i}", "prompt": [{"role": "user", "content": f"what is {a} plus {b}"}], "answer": str(a + b)}
+             for i, (a, b) in enumerate([(1, 2), (3, 4), (2, 2), (5, 1), (4, 4), (3, 3), (1, 1), (2, 5)] * 3)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    c = _tiny(nano_config, 2)
+    c.tokenizer = str(tmp_path / "tok")
+    c.model.vocab_size = 320  # the BPE has 300 tokens: padded vocabulary, as real Qwen checkpoints have
+    c.model.max_position_embeddings = 256
+    c.data.source = str(tmp_path / "train.jsonl")
+    c.data.eval_size = 4
+    c.data.max_prompt_len = 64
+    hist = train.train(c, str(tmp_path / "run"))
+    assert [h["step"] for h in hist] == [1, 2]
+    assert "reward/math/mean" in hist[-1] and 0.0 <= hist[-1]["reward_mean"] <= 1.0
+    # Every math failure has a counted reason; their sum plus the successes is the batch.
+    fails = sum(v for k, v in hist[-1].items() if k.startswith("reward/math/fail/"))
+    assert fails + hist[-1]["reward/math/mean"] * 16 == pytest.approx(16)
