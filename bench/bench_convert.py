@@ -3,7 +3,7 @@
     python bench/bench_convert.py [--model dense|moe|both] [--dir /tmp/zenjax-bench]
 
 For each model: writes a random bf16 HF checkpoint (500 MB files), measures the disk's sequential read speed with
-dd (O_DIRECT), then runs hf-to-orbax and orbax-to-hf each in a fresh child process and reports the conversion's
+dd (O_DIRECT) and the speed of a plain durable copy of the files (dd, fsynced), then runs hf-to-orbax and orbax-to-hf each in a fresh child process and reports the conversion's
 seconds and MB/s (source bytes / time inside the conversion, and with interpreter start-up), and the child's peak
 RSS against the largest tensor group (a layer's tensors, experts included, or the embedding) and the baseline RSS
 of a child that imports everything and plans the conversion without reading tensors (`python -m convert inspect`).
@@ -86,6 +86,22 @@ def dd_read_speed(directory: str) -> float:
     return total / (time.perf_counter() - t) / 1e6
 
 
+def copy_speed(directory: str, scratch: str) -> float:
+    """MB/s of dd copying every safetensors file, cold, through the page cache and fsynced: what a conversion
+    that writes as many bytes as it reads, durably, could reach without any work between read and write."""
+    files = [os.path.join(directory, f) for f in sorted(os.listdir(directory)) if f.endswith(".safetensors")]
+    total = sum(os.path.getsize(f) for f in files)
+    os.makedirs(scratch)
+    drop_caches()
+    t = time.perf_counter()
+    for i, f in enumerate(files):
+        subprocess.run(["dd", f"if={f}", f"of={scratch}/{i}", "bs=16M", "conv=fsync"], check=True,
+                       capture_output=True)
+    speed = total / (time.perf_counter() - t) / 1e6
+    shutil.rmtree(scratch)
+    return speed
+
+
 # The child's own high-water mark: unlike getrusage's ru_maxrss, VmHWM does not inherit the RSS that the
 # forking parent had before exec.
 HWM = ("int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1024")
@@ -114,6 +130,7 @@ def bench(name: str, root: str) -> list[dict]:
     total, largest_slice, largest_group = make_checkpoint(cfg, hf)
     cold = drop_caches()
     dd = dd_read_speed(hf)
+    cp = copy_speed(hf, os.path.join(work, "copy"))
     baseline = run_child(f"from convert.describe import describe\ndescribe({hf!r})\nout = {{}}")[0]["rss"]
     rows = []
     for direction, call in (("hf-to-orbax", f"hf_to_orbax({hf!r}, {orbax!r})"),
@@ -121,7 +138,7 @@ def bench(name: str, root: str) -> list[dict]:
         drop_caches()
         res, wall = run_child(timed(call))
         rows.append(dict(model=name, direction=direction, gb=total / 1e9, s=res["s"], wall=wall,
-                         mbs=total / res["s"] / 1e6, mbs_wall=total / wall / 1e6, dd=dd, cold=cold, rss=res["rss"],
+                         mbs=total / res["s"] / 1e6, mbs_wall=total / wall / 1e6, dd=dd, cp=cp, cold=cold, rss=res["rss"],
                          baseline=baseline, slice=largest_slice / 2**20, group=largest_group / 2**20))
     shutil.rmtree(work)
     return rows
@@ -134,11 +151,12 @@ def main():
     args = p.parse_args()
     rows = [r for m in (["dense", "moe"] if args.model == "both" else [args.model]) for r in bench(m, args.dir)]
     print(f"{'model':<6} {'direction':<12} {'GB':>5} {'s':>6} {'MB/s':>6} {'(wall)':>6} {'dd MB/s':>7} "
-          f"{'peak RSS':>8} {'baseline':>8} {'slice':>7} {'group':>7} {'(RSS-base)/group':>16}")
+          f"{'cp MB/s':>7} {'peak RSS':>8} {'baseline':>8} {'slice':>7} {'group':>7} {'(RSS-base)/group':>16}")
     for r in rows:
         print(f"{r['model']:<6} {r['direction']:<12} {r['gb']:>5.2f} {r['s']:>6.2f} {r['mbs']:>6.0f} "
-              f"{r['mbs_wall']:>6.0f} {r['dd']:>7.0f} {r['rss']:>6.0f}MB {r['baseline']:>6.0f}MB "
+              f"{r['mbs_wall']:>6.0f} {r['dd']:>7.0f} {r['cp']:>7.0f} {r['rss']:>6.0f}MB {r['baseline']:>6.0f}MB "
               f"{r['slice']:>5.0f}MB {r['group']:>5.0f}MB {(r['rss'] - r['baseline']) / r['group']:>16.2f}")
+    print("dd: O_DIRECT sequential read; cp: dd copy of the same files, cold and fsynced (read + buffered write)")
     print("slice: the largest parameter slice converted at once (one layer's experts of gate, up or down); group:"
           " the largest layer (all its tensors) or unstacked parameter (the embedding); MB = MiB")
     print("page cache dropped before each run" if rows[0]["cold"] else "page cache NOT dropped (not permitted): "

@@ -1,10 +1,9 @@
 """HF safetensors (one file or sharded with an index) -> a zenjax weights dir, one parameter slice at a time."""
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
-from collections.abc import Sequence
-
 import jax.numpy as jnp
 import numpy as np
 
@@ -16,19 +15,9 @@ from zenjax.models.qwen3 import Qwen3Config
 
 # How far ahead of the conversion the kernel reads the source (into its page cache, not this process).
 READ_AHEAD_BYTES = 512 << 20
-
-
-class _Tensors(Sequence):
-    """An entry's HF tensors, each read (and cast) when the layout function reaches it."""
-
-    def __init__(self, reader: SafetensorsReader, keys: tuple[str, ...], dtype: np.dtype):
-        self._reader, self._keys, self._dtype = reader, keys, dtype
-
-    def __len__(self):
-        return len(self._keys)
-
-    def __getitem__(self, i):
-        return self._reader.get(self._keys[i]).astype(self._dtype, copy=False)
+# How far ahead a background thread reads tensors into this process (at least the next slice, whatever its
+# size), so that waiting for the disk overlaps with the layout changes and writes of the slices before.
+LOAD_AHEAD_BYTES = 64 << 20
 
 
 def hf_to_orbax(hf_dir: str, out: str, *, dtype: np.dtype | None = None,
@@ -57,13 +46,26 @@ def hf_to_orbax(hf_dir: str, out: str, *, dtype: np.dtype | None = None,
             # Slices are written in the background while the next is read, up to half the largest in flight.
             writer = weights.WeightsWriter(os.path.join(tmp, weights.PARAMS), cfg, dtypes, mesh_shape,
                                            inflight_bytes=max(nbytes) // 2)
-            with writer, progress(sum(nbytes), "hf-to-orbax") as bar:
+
+            def load(e):
+                return [reader.get(k).astype(dtypes[e.path], copy=False) for k in e.hf_keys]
+
+            with writer, progress(sum(nbytes), "hf-to-orbax") as bar, \
+                    concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zenjax-load") as loader:
                 ahead = 0  # entries [i, ahead) have been handed to the kernel's read-ahead
+                loads: dict[int, concurrent.futures.Future] = {}  # entries being read into this process
                 for i, e in enumerate(plan):
                     while ahead < len(plan) and (ahead <= i or sum(nbytes[i + 1:ahead + 1]) <= READ_AHEAD_BYTES):
                         reader.prefetch(plan[ahead].hf_keys)
                         ahead += 1
+                    j = max(loads, default=i - 1) + 1
+                    while j < len(plan) and (j <= i + 1 or sum(nbytes[k] for k in loads if k > i) + nbytes[j]
+                                             <= LOAD_AHEAD_BYTES):
+                        loads[j] = loader.submit(load, plan[j])
+                        j += 1
+                    tensors = loads.pop(i).result()
                     writer.reserve(nbytes[i])
-                    writer.write(e.path, e.layer, e.to_ours(_Tensors(reader, e.hf_keys, dtypes[e.path])))
+                    writer.write(e.path, e.layer, e.to_ours(tensors))
                     bar.update(nbytes[i])
+                    del tensors  # not held while the next slice is built
     return os.path.abspath(out)
