@@ -13,6 +13,7 @@ from flax import nnx
 from tests.hf_util import moe_config, padded_batch, save_random
 from zenjax.models import Qwen3Config, moe
 from zenjax.models.hf import load_hf
+from zenjax.sampling import sample
 
 
 def _hf_forward(model, tokens, mask, positions):
@@ -67,6 +68,21 @@ def test_logits_and_aux_loss_match_transformers(tmp_path, hf_kw, hub_keys):
     assert moe.routing_change(aux, aux, mask) == 0.0
 
 
+def test_greedy_generation_equals_transformers(tmp_path):
+    # Decoding routes a handful of tokens per step (the every-expert path on CPU) from unstacked layers.
+    ref = save_random(moe_config(norm_topk_prob=True, mlp_only_layers=[1]), tmp_path)
+    model = load_hf(str(tmp_path), dtype="float32")
+    prompts = [[5, 6, 7, 8, 9], [3, 4], [10, 11, 12]]
+    got = np.asarray(sample(model, prompts, max_new_tokens=10, rng=None, greedy=True).tokens)
+    L = max(map(len, prompts))
+    ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
+    attn = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        want = ref.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=10,
+                            min_new_tokens=10, pad_token_id=0)[:, L:].numpy()
+    np.testing.assert_array_equal(got, want)
+
+
 def test_balance_global_batch_recombines_to_the_full_batch_loss(tmp_path):
     # f_e from the whole batch, P_e per micro-batch: the token-weighted mean of the micro-batch losses equals the
     # transformers loss of the whole batch.
@@ -118,11 +134,13 @@ def test_ragged_equals_reference_in_values_and_gradients():
         assert np.abs(getattr(g_ref, name)[...]).max() > 1e-3  # the comparison is not between zeros
 
 
-@pytest.mark.parametrize("kernel", ["blocked", "ragged_dot"])
-def test_local_expert_kernels_with_a_slice_of_the_experts(kernel):
+@pytest.mark.parametrize("kernel,N", [("blocked", 10), ("blocked", 5), ("ragged_dot", 10)],
+                         ids=["blocked", "blocked-decode", "ragged_dot"])
+def test_local_expert_kernels_with_a_slice_of_the_experts(kernel, N):
     # The expert-parallel building block: only pairs routed to experts [first, first + 3) count, every kernel
-    # (ragged_dot is what accelerators run; XLA:CPU lowers it densely, which is fine at this size).
-    X, E, F, N, K, first = 7, 8, 4, 10, 3, 2
+    # (ragged_dot is what accelerators run; XLA:CPU lowers it densely, which is fine at this size). At most
+    # moe.MIN_BLOCK tokens, the CPU kernel runs every held expert on every token (decoding).
+    X, E, F, K, first = 7, 8, 4, 3, 2
     ks = jax.random.split(jax.random.key(0), 6)
     x = jax.random.normal(ks[0], (N, E))
     idx = jax.vmap(lambda k: jax.random.permutation(k, X)[:K])(jax.random.split(ks[1], N))

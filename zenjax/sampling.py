@@ -153,10 +153,13 @@ def _generate(graphdef, state, prompt_PL, pmask_PL, rng, temperature, top_p, pad
 
     out = model.hidden(prompt_PL, pmask_PL, cache=KVCache.init(model.cfg, P, cache_len))
     logits_NV = rep(model.logits(out.hidden_BTE[:, -1:])[:, 0], axis=0)
-    kv_axes = (None, "batch", None, "act_kv_heads", None)
+    kv_axes = (None, "batch", "act_kv_heads", None, None)
     cache = KVCache(tuple(LayerCache(constrain(rep(c.k, axis=1), kv_axes), constrain(rep(c.v, axis=1), kv_axes))
                           for c in out.cache.layers),
                     rep(out.cache.valid_BS, axis=0), out.cache.index)
+    layers = None
+    if jax.default_backend() == "cpu":  # see Qwen3.unstack_layers; accelerators slice scanned weights in place
+        layers, cache = model.unstack_layers(), cache.unstack()
     next_pos_N = rep(pmask_PL.sum(axis=1, dtype=jnp.int32), axis=0)  # position of the first new token
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
 
@@ -184,7 +187,7 @@ def _generate(graphdef, state, prompt_PL, pmask_PL, rng, temperature, top_p, pad
 
     def body(carry):
         t, cache, tok_N, done_N, tokens_NM, mask_NM, logp_NM = carry
-        out = model.hidden(tok_N[:, None], positions_BT=(next_pos_N + t - 1)[:, None], cache=cache)
+        out = model.hidden(tok_N[:, None], positions_BT=(next_pos_N + t - 1)[:, None], cache=cache, layers=layers)
         logits_NV = model.logits(out.hidden_BTE)[:, 0]
         return (t + 1, out.cache, *emit(t, logits_NV, done_N, tokens_NM, mask_NM, logp_NM))
 

@@ -78,11 +78,22 @@ def _router_aux(logits_BTX, probs_BTX, idx_BTK, mask_BT):
 
 
 def _reference(x_BTE, idx_BTK, w_BTK, gate_XEF, up_XEF, down_XFE):
-    """Every expert on every token, combined with the (zero outside the top-k) routing weights. Tests only."""
-    combine_BTX = jnp.einsum("btk,btkx->btx", w_BTK, jax.nn.one_hot(idx_BTK, gate_XEF.shape[0], dtype=F32))
-    h_BTXF = jax.nn.silu(jnp.einsum("bte,xef->btxf", x_BTE, gate_XEF)) * jnp.einsum("bte,xef->btxf", x_BTE, up_XEF)
-    y_BTXE = jnp.einsum("btxf,xfe->btxe", h_BTXF, down_XFE)
-    return jnp.einsum("btxe,btx->bte", y_BTXE.astype(F32), combine_BTX).astype(x_BTE.dtype)
+    """Every expert on every token. Tests only."""
+    flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
+    return _every_expert(flat(x_BTE), flat(idx_BTK), flat(w_BTK), gate_XEF, up_XEF, down_XFE, 0).reshape(x_BTE.shape)
+
+
+def _every_expert(x_NE, idx_NK, w_NK, gate_XEF, up_XEF, down_XFE, first):
+    """Every expert held here ([first, first + X)) on every token, combined with the routing weights (zero
+    outside a token's top-k, and for experts held elsewhere)."""
+    X = gate_XEF.shape[0]
+    combine_NX = jnp.einsum("nk,nkx->nx", w_NK, jax.nn.one_hot(idx_NK - first, X, dtype=F32))
+    # A batched matmul over the experts, on a materialised copy of the tokens per expert: otherwise XLA:CPU
+    # relayouts all the expert weights at every call.
+    x_XNE = jax.lax.optimization_barrier(jnp.broadcast_to(x_NE, (X, *x_NE.shape)))
+    h_XNF = jax.nn.silu(jnp.einsum("xne,xef->xnf", x_XNE, gate_XEF)) * jnp.einsum("xne,xef->xnf", x_XNE, up_XEF)
+    y_XNE = jnp.einsum("xnf,xfe->xne", h_XNF, down_XFE)
+    return jnp.einsum("xne,nx->ne", y_XNE.astype(F32), combine_NX).astype(x_NE.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -142,16 +153,25 @@ def _sharded_experts(x_BTE, idx_BTK, w_BTK, gate_XEF, up_XEF, down_XFE):
 # Experts on one device
 
 
+MIN_BLOCK = 8  # rows of the smallest block of the CPU kernel
+
+
 def _local_experts(x_NE, idx_NK, w_NK, gate_XEF, up_XEF, down_XFE, first, kernel: str | None = None):
     """sum_k w_nk * expert_{idx_nk}(x_n) over the pairs whose expert is one of the X held here
     ([first, first + X)); other pairs contribute zero."""
     N, K = idx_NK.shape
     X = gate_XEF.shape[0]
     kernel = kernel or ("blocked" if jax.default_backend() == "cpu" else "ragged_dot")
+    if kernel == "blocked" and N <= MIN_BLOCK:
+        # Decoding a few tokens: the blocked kernel would pad each used expert to a block of MIN_BLOCK rows
+        # anyway, so running every expert held here on all N rows costs no more matmul rows, reads each expert's
+        # weights once in place (no per-block copies) and skips the sort.
+        return _every_expert(x_NE, idx_NK, w_NK, gate_XEF, up_XEF, down_XFE, first)
     capacity = N * min(K, X)  # a token's K choices are distinct experts: at most min(K, X) of them land here
     # The blocked kernel pads each expert's group to whole blocks: a block of about the mean rows per expert keeps
     # the padding under 2x, and at most 256 rows (larger blocks measured slower on CPU for the padding they add).
-    block = 1 if kernel == "ragged_dot" else max(8, min(256, 1 << max(0, (capacity // X).bit_length() - 1)))
+    mean_rows = 1 << max(0, (capacity // X).bit_length() - 1)
+    block = 1 if kernel == "ragged_dot" else max(MIN_BLOCK, min(256, mean_rows))
     lay = _layout(idx_NK.reshape(-1) - first, X, block, capacity)
     x_ME = _take_rows(x_NE, lay.src_M, lay.dest_P, K)
     if kernel == "ragged_dot":

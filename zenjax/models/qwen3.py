@@ -184,7 +184,8 @@ def rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
 
 
 class LayerCache(NamedTuple):
-    """KV cache of one scanned run of layers: k/v [L, B, S, K, D]."""
+    """KV cache of one scanned run of layers: k/v [L, B, K, S, D]; of one layer, [B, K, S, D], in a cache made
+    by `KVCache.unstack`. Heads before slots: a decode step's attention is then a plain batched matmul."""
     k: jax.Array
     v: jax.Array
 
@@ -198,10 +199,14 @@ class KVCache(NamedTuple):
     @classmethod
     def init(cls, cfg: Qwen3Config, batch: int, max_len: int, dtype=None) -> "KVCache":
         dtype = jnp.dtype(dtype or cfg.dtype)
-        shape = lambda n: (n, batch, max_len, cfg.num_kv_heads, cfg.head_dim)  # noqa: E731
+        shape = lambda n: (n, batch, cfg.num_kv_heads, max_len, cfg.head_dim)  # noqa: E731
         layers = tuple(LayerCache(jnp.zeros(shape(n), dtype), jnp.zeros(shape(n), dtype))
                        for _, n in cfg.segments())
         return cls(layers, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+
+    def unstack(self) -> "KVCache":
+        """One LayerCache per layer, for decoding from `Qwen3.unstack_layers`."""
+        return self._replace(layers=tuple(LayerCache(k, v) for c in self.layers for k, v in zip(c.k, c.v)))
 
     @property
     def max_len(self) -> int:
@@ -229,31 +234,31 @@ class Attention(nnx.Module):
         k_BTKD = rope(k_BTKD, positions_BT, cfg.rope_theta)
         if kv is not None:  # write the new keys/values at the cache's next slots, attend over the whole cache
             k_cache, v_cache = kv
-            k_BSKD = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BTKD.astype(k_cache.dtype), index, axis=1)
-            v_BSKD = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BTKD.astype(v_cache.dtype), index, axis=1)
-            kv = (k_BSKD, v_BSKD)
+            k_BKSD, v_BKSD = (jax.lax.dynamic_update_slice_in_dim(c, new.swapaxes(1, 2).astype(c.dtype), index, axis=2)
+                              for c, new in ((k_cache, k_BTKD), (v_cache, v_BTKD)))
+            kv = (k_BKSD, v_BKSD)
+            k_BSKD, v_BSKD = k_BKSD.swapaxes(1, 2), v_BKSD.swapaxes(1, 2)
         else:
             k_BSKD, v_BSKD = k_BTKD, v_BTKD
         B, T, H, D = q_BTHD.shape
         K = cfg.num_kv_heads
         q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
-        if T == 1:
-            out_BTKGD = self._decode_attention(q_BTKGD[:, 0], k_BSKD, v_BSKD, mask_BTS[:, 0])[:, None].astype(dt)
+        if T == 1 and kv is not None:
+            out_BTKGD = self._decode_attention(q_BTKGD[:, 0], *kv, mask_BTS[:, 0])[:, None].astype(dt)
         else:
             out_BTKGD = _attend(q_BTKGD, k_BSKD.astype(dt), v_BSKD.astype(dt), mask_BTS)
         out_BTE = jnp.einsum("bthd,hde->bte", out_BTKGD.reshape(B, T, H, D), self.o[...].astype(dt))
         return out_BTE, kv
 
     @staticmethod
-    def _decode_attention(q_BKGD, k_BSKD, v_BSKD, mask_BS):
-        """One query per row, in float32. Multiply-and-reduce reads the cache in its stored [B, S, K, D] layout;
-        a batched matmul would first copy the whole cache into a (b, k)-major layout at every step."""
+    def _decode_attention(q_BKGD, k_BKSD, v_BKSD, mask_BS):
+        """One query per row, in float32: batched matmuls over (batch, kv head) on the cache as stored."""
         f32 = jnp.float32
-        q_B1KGD = q_BKGD[:, None].astype(f32) * (q_BKGD.shape[-1] ** -0.5)
-        scores_BSKG = jnp.sum(q_B1KGD * k_BSKD[:, :, :, None].astype(f32), axis=-1)
-        scores_BSKG = jnp.where(mask_BS[:, :, None, None], scores_BSKG, jnp.finfo(f32).min)
-        probs_BSKG = jax.nn.softmax(scores_BSKG, axis=1)
-        return jnp.sum(probs_BSKG[..., None] * v_BSKD[:, :, :, None].astype(f32), axis=1)
+        q_BKGD = q_BKGD.astype(f32) * (q_BKGD.shape[-1] ** -0.5)
+        scores_BKGS = jnp.einsum("bkgd,bksd->bkgs", q_BKGD, k_BKSD.astype(f32))
+        scores_BKGS = jnp.where(mask_BS[:, None, None, :], scores_BKGS, jnp.finfo(f32).min)
+        probs_BKGS = jax.nn.softmax(scores_BKGS, axis=-1)
+        return jnp.einsum("bkgs,bksd->bkgd", probs_BKGS, v_BKSD.astype(f32))
 
 
 def _scores(q_BTKGD, k_BSKD, mask_BTS):
@@ -381,9 +386,24 @@ class Qwen3(nnx.Module):
         """LM head as [embed, vocab] (the transposed embedding when tied)."""
         return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
 
-    def hidden(self, tokens_BT, mask_BT=None, positions_BT=None, cache: KVCache | None = None) -> Output:
+    def unstack_layers(self) -> tuple:
+        """Every layer's (graphdef, state), copied out of the stacks, for `hidden(..., layers=...)`.
+
+        XLA:CPU copies a scanned layer's weights out of its stack at every step, which doubles the memory traffic
+        of decoding (bound by reading the weights). A decode loop that takes these copies, made once per
+        generation, reads each weight once per token, for one more copy of the layer weights while it runs."""
+        out = []
+        for stack in self.stacks:
+            graphdef, state = nnx.split(stack)
+            n = jax.tree.leaves(state)[0].shape[0]
+            out += [(graphdef, jax.tree.map(lambda a, j=j: a[j], state)) for j in range(n)]
+        return tuple(out)
+
+    def hidden(self, tokens_BT, mask_BT=None, positions_BT=None, cache: KVCache | None = None,
+               layers: tuple | None = None) -> Output:
         """Run the decoder. `mask_BT` marks real tokens (False = padding). With a cache, the T new tokens are
-        written at slots [cache.index, cache.index + T) and attend to every valid earlier slot."""
+        written at slots [cache.index, cache.index + T) and attend to every valid earlier slot. `layers` (from
+        `unstack_layers`, with an unstacked cache) runs the layers one by one instead of scanning the stacks."""
         cfg = self.cfg
         B, T = tokens_BT.shape
         mask_BT = jnp.ones((B, T), bool) if mask_BT is None else mask_BT.astype(bool)
@@ -402,7 +422,12 @@ class Qwen3(nnx.Module):
         x = constrain(x, ("batch", "seq", "act_embed"))
 
         new_layers, aux_list = [], []
-        for i, stack in enumerate(self.stacks):
+        for (graphdef, state), kv in zip(layers or (), cache.layers if layers else ()):
+            x, kv, aux = nnx.merge(graphdef, state)(x, positions_BT, mask_BTS, mask_BT, tuple(kv), index)
+            new_layers.append(LayerCache(*kv))
+            if aux:
+                aux_list.append({k: v[None] for k, v in aux.items()})
+        for i, stack in enumerate(() if layers else self.stacks):
             graphdef, state = nnx.split(stack)
 
             def body(x, xs, graphdef=graphdef):
