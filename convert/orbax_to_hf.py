@@ -42,6 +42,7 @@ class SafetensorsWriter:
         self._order = [(i, t) for i, shard in enumerate(shards) for t in shard]
         self._next = 0
         self._file = None
+        self._unflushed = 0  # bytes written since the kernel was last asked to start writing them back
         self.total_size = sum(t[3] for _, t in self._order)
 
     def _open(self, i: int) -> None:
@@ -67,6 +68,11 @@ class SafetensorsWriter:
             self._open(i)
         self._file.write(np.ascontiguousarray(value).reshape(-1).view(np.uint8).data)
         self._next += 1
+        self._unflushed += value.nbytes
+        if self._unflushed >= weights.WRITEBACK_BYTES:
+            self._unflushed = 0
+            self._file.flush()
+            weights.start_writeback(self.directory)
 
     def close(self) -> None:
         """Checks every planned tensor was written; writes the index."""
