@@ -59,9 +59,10 @@ def test_a_few_steps_log_metrics_and_a_report(tmp_path, module):
 
 
 def test_resume_after_sigterm_is_exact(tmp_path):
-    steps = 4
+    # With a KL penalty: the resumed run must keep the reference policy of the start, not the resumed one.
+    steps, kl = 4, dict(kl_coef=0.05)
     full = str(tmp_path / "full")
-    train.train(_tiny(next_config, steps), full)
+    train.train(_tiny(next_config, steps, **kl), full)
 
     part = str(tmp_path / "part")
 
@@ -72,9 +73,9 @@ def test_resume_after_sigterm_is_exact(tmp_path):
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=interrupt_after_step_2, daemon=True).start()
-    first = train.train(_tiny(next_config, steps), part)
+    first = train.train(_tiny(next_config, steps, **kl), part)
     assert len(first) < steps, "the signal should have stopped the run early"
-    second = train.train(_tiny(next_config, steps), part)
+    second = train.train(_tiny(next_config, steps, **kl), part)
     assert second[0]["step"] == first[-1]["step"] + 1
     assert _comparable(read(part)) == _comparable(read(full))
     a, b = _params(full, steps), _params(part, steps)

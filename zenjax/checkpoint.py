@@ -32,6 +32,19 @@ class CheckpointError(RuntimeError):
     """Checkpoints exist but none of them can be restored."""
 
 
+def frozen_reference(workdir: str | epath.PathLike, params, abstract_params):
+    """The KL penalty's reference policy, saved once at `<workdir>/reference` (atomically, like a step) and
+    restored from there afterwards: a resumed run keeps the policy that RL started from, not the resumed one."""
+    path = epath.Path(workdir) / "reference"
+    with ocp.StandardCheckpointer() as ckptr:
+        if path.exists():
+            return ckptr.restore(path, abstract_params)
+        ref = jax.tree.map(jnp.copy, params)  # a copy: the update donates the live parameters' buffers
+        ckptr.save(path, ref)
+        ckptr.wait_until_finished()
+    return ref
+
+
 class Checkpointer:
     """Saves (asynchronously, every `save_every` steps, keeping the last `keep`) and restores.
 

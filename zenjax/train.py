@@ -21,7 +21,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from zenjax import distributed, sharding
-from zenjax.checkpoint import Checkpointer, install_signal_handlers
+from zenjax.checkpoint import Checkpointer, frozen_reference, install_signal_handlers
 from zenjax.config import model_config_from, validate
 from zenjax.data import PromptLoader, eval_items
 from zenjax.metrics import MetricsWriter
@@ -139,8 +139,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             state = _warm_up(state, config, tokenizer, mesh, writer)
             ckpt.save(0, state.params, state.opt_state, {"data": loader.get_state(), "sft_done": True}, force=True)
 
-        # Frozen reference policy for the KL penalty (a copy: the update donates the live params' buffers).
-        ref_params = jax.tree.map(jnp.copy, state.params) if rl.kl_coef > 0 else None
+        ref_params = frozen_reference(workdir, state.params, abs_params) if rl.kl_coef > 0 else None
         history, bad_in_a_row, stopping = [], 0, False
         for step in range(start, config.steps):
             t0 = time.perf_counter()
