@@ -60,14 +60,15 @@ def iteration(cfg: Qwen3Config, repeats: int):
             batch, metrics, _ = rollout.collect(state.model(), items, IdsTokenizer(), config.rl, {"math": 1.0},
                                                 jax.random.key(it))
             t1 = time.perf_counter()
-            old_logp, _ = logprobs_fn(state.params, batch["tokens"], batch["mask"])
+            old_logp, routing = logprobs_fn(state.params, batch["tokens"], batch["mask"])
             batch["old_logp"] = np.asarray(old_logp)
             del batch["sampler_logp"]
             t2 = time.perf_counter()
             size = P * G // MINIBATCHES
             for i in range(MINIBATCHES):
                 mb = {k: v[i * size:(i + 1) * size] for k, v in batch.items()}
-                state.params, state.opt_state, m = update_fn(state.params, state.opt_state, mb, i)
+                state.params, state.opt_state, m = update_fn(state.params, state.opt_state, mb, i,
+                                                             routing.get("counts"))
             jax.block_until_ready(m)
             t3 = time.perf_counter()
             times = dict(sampling=metrics["time_sampling"], rewards=metrics["time_rewards"],

@@ -1,11 +1,13 @@
 """The trainer's jitted GSPO update (AdamW step included) on 8 simulated devices equals the one-device step."""
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 
 from configs import base
 from zenjax import sharding
-from zenjax.models import Qwen3Config
+from zenjax.models import Qwen3Config, moe
 from zenjax.train_state import RLHyper, init_state, make_functions, make_optimizer
 
 DENSE = Qwen3Config(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -38,7 +40,7 @@ def _step(cfg, mesh_sizes):
         state = init_state(cfg, tx, mesh, seed=0)
         _, update = make_functions(state, cfg, tx, hyper, mesh, schedule)
         batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in _batch().items()}
-        params, opt_state, metrics = update(state.params, state.opt_state, batch, 3)
+        params, opt_state, metrics = update(state.params, state.opt_state, batch, 3, None)
         return params, jax.device_get(metrics)
 
 
@@ -61,3 +63,24 @@ def test_adamw_step_on_a_mesh_equals_one_device(cfg_and_reference, mesh):
     if mesh.get("fsdp") == 4:  # the embedding-dim of large weights is split 4 ways (and heads 2 ways)
         q = params["stacks"][0]["attn"]["q"]
         assert q.addressable_shards[0].data.shape == (q.shape[0], 32 // 4, 4 // 2, 8)
+
+
+def test_global_batch_balancing_pools_the_step_counts_across_minibatches():
+    # balance_global_batch: a minibatch's load-balance loss takes f_x from the whole step batch's routing counts
+    # (from the old-log-prob pass), and P_x from its own forward.
+    cfg = dataclasses.replace(MOE, balance_global_batch=True)
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    tx, schedule = make_optimizer(base.get_config().optim, 10)
+    with jax.set_mesh(mesh):
+        state = init_state(cfg, tx, mesh, seed=0)
+        logprobs, update = make_functions(state, cfg, tx, RLHyper("gspo", 0.2, 0.28, 0.0, 4, 0.1, 0.0), mesh,
+                                          schedule)
+        full = _batch()
+        _, routing = logprobs(state.params, full["tokens"], full["mask"])
+        half = {k: v[:N // 2] for k, v in full.items()}
+        _, aux = state.model()(half["tokens"], half["mask"])
+        want = moe.moe_losses(aux, cfg, global_aux=routing["counts"])["aux_loss"]
+        own = moe.moe_losses(aux, cfg)["aux_loss"]
+        _, _, metrics = update(state.params, state.opt_state, half, 0, routing["counts"])
+    np.testing.assert_allclose(metrics["aux_loss"], want, rtol=1e-5)
+    assert not np.isclose(want, own, rtol=1e-3), "the half batch's own counts would give the same loss"

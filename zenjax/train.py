@@ -149,10 +149,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             t1 = time.perf_counter()
             sampler_logp = batch.pop("sampler_logp")
             batch = _put(batch, mesh)
-            old_logp, old_topk = logprobs_fn(state.params, batch["tokens"], batch["mask"])
+            old_logp, routing = logprobs_fn(state.params, batch["tokens"], batch["mask"])
             batch["old_logp"] = _put(sampler_logp, mesh) if rl.old_logprobs == "sampler" else old_logp
-            if old_topk is not None:
-                batch["old_topk"] = old_topk
+            if routing:
+                batch["old_topk"] = routing["topk"]
             if ref_params is not None:
                 batch["ref_logp"] = logprobs_fn(ref_params, batch["tokens"], batch["mask"])[0]
             jax.block_until_ready(batch)
@@ -161,7 +161,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             for i in range(rl.minibatches):
                 state.params, state.opt_state, m = update_fn(state.params, state.opt_state,
                                                              _minibatch(batch, mesh, i, rl.minibatches),
-                                                             step * rl.minibatches + i)
+                                                             step * rl.minibatches + i, routing.get("counts"))
                 mb_metrics.append(m)
             mb_metrics = jax.device_get(mb_metrics)
             t3 = time.perf_counter()

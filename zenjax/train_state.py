@@ -87,14 +87,14 @@ class RLHyper:
     z_coef: float
 
 
-def _moe_terms(model: Qwen3, aux):
+def _moe_terms(model: Qwen3, aux, global_counts=None):
     """Load-balance / z losses and routing statistics of an MoE forward (nothing for dense models)."""
     if not aux:
         return jnp.float32(0.0), {}
     from zenjax.models import moe  # noqa: PLC0415 - dense-only installs never need it
 
     cfg = model.cfg
-    terms = moe.moe_losses(aux, cfg)
+    terms = moe.moe_losses(aux, cfg, global_aux=global_counts)
     extra = cfg.router_aux_loss_coef * terms["aux_loss"] + cfg.router_z_loss_coef * terms["z_loss"]
     stats = moe.routing_stats(aux)
     metrics = {"aux_loss": terms["aux_loss"], "z_loss": terms["z_loss"]}
@@ -103,7 +103,9 @@ def _moe_terms(model: Qwen3, aux):
 
 
 def make_functions(state: State, cfg: Qwen3Config, tx, hyper: RLHyper, mesh: Mesh, schedule: Callable):
-    """Jitted `logprobs(params, batch)`, `update(params, opt_state, batch)` with shardings from the rules."""
+    """Jitted `logprobs(params, tokens, mask)` -> (log-probs, MoE routing: {} for dense) and
+    `update(params, opt_state, minibatch, step, global_counts)` (the routing's "counts", or None), with shardings
+    from the rules."""
     graphdef = state.graphdef
     loss_fn = losses.get_loss(hyper.loss)
 
@@ -114,19 +116,22 @@ def make_functions(state: State, cfg: Qwen3Config, tx, hyper: RLHyper, mesh: Mes
 
     @jax.jit
     def logprobs(params, tokens_NT, mask_NT):
+        """Per-token log-probs, and for MoE the routing of the whole batch: every token's top-k experts
+        ([N, L, T, k], rows first so minibatches slice them; uint8 saves memory) and the per-layer expert counts
+        that global-batch balancing (`balance_global_batch`) pools over all minibatches of the step."""
         _, logp, _, aux = forward(params, tokens_NT, mask_NT)
-        topk = aux.get("topk")  # [L, N, T, k] -> [N, L, T, k] so minibatches slice rows; uint8 saves memory
-        if topk is not None:
-            topk = jnp.moveaxis(topk, 0, 1).astype(jnp.uint8 if cfg.num_experts <= 256 else jnp.int32)
-        return logp, topk
+        if not aux:
+            return logp, {}
+        topk = jnp.moveaxis(aux["topk"], 0, 1).astype(jnp.uint8 if cfg.num_experts <= 256 else jnp.int32)
+        return logp, {"topk": topk, "counts": {k: aux[k] for k in ("expert_counts", "tokens")}}
 
-    def update(params, opt_state, batch, step):
+    def update(params, opt_state, batch, step, global_counts):
         def objective(params):
             model, logp, ent, aux = forward(params, batch["tokens"], batch["mask"])
             comp = batch["completion_mask"]
             loss, metrics = loss_fn(logp, batch["old_logp"], batch["adv"], comp, ref_logp_BT=batch.get("ref_logp"),
                                     eps_low=hyper.eps_low, eps_high=hyper.eps_high, kl_coef=hyper.kl_coef)
-            extra, moe_metrics = _moe_terms(model, aux)
+            extra, moe_metrics = _moe_terms(model, aux, global_counts)
             metrics.update(moe_metrics)
             metrics["entropy"] = jnp.sum(ent * comp) / jnp.maximum(jnp.sum(comp), 1)
             if "old_topk" in batch and aux:
@@ -146,7 +151,7 @@ def make_functions(state: State, cfg: Qwen3Config, tx, hyper: RLHyper, mesh: Mes
         metrics.update(total_loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32), lr=schedule(step))
         return keep(new_params, params), keep(new_opt, opt_state), metrics
 
-    update = jax.jit(update, in_shardings=(state.param_shardings, state.opt_shardings, None, None),
+    update = jax.jit(update, in_shardings=(state.param_shardings, state.opt_shardings, None, None, None),
                      out_shardings=(state.param_shardings, state.opt_shardings, None), donate_argnums=(0, 1))
     return logprobs, update
 
