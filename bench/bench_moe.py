@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bench.bench_model import hf_generate, hf_model
 from zenjax.models import Qwen3, Qwen3Config, moe
 
 BASE = dict(vocab_size=32768, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64,
@@ -64,16 +65,6 @@ def jax_generate(cfg: Qwen3Config, prompts, new: int):
     return lambda: sample(model, prompts, max_new_tokens=new, rng=None, greedy=True).tokens.block_until_ready()
 
 
-def hf_model(cfg: Qwen3Config):
-    import torch  # noqa: PLC0415 - only for the reference
-    import transformers  # noqa: PLC0415
-
-    torch.manual_seed(0)
-    hf = cfg.to_hf()
-    hf.pop("torch_dtype")
-    return transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**hf)).float()
-
-
 def hf_train(cfg: Qwen3Config, tokens):
     import torch  # noqa: PLC0415
 
@@ -84,20 +75,6 @@ def hf_train(cfg: Qwen3Config, tokens):
         out = model(input_ids=ids, labels=ids, output_router_logits=True)  # loss includes coef * aux_loss
         out.loss.backward()
         model.zero_grad(set_to_none=True)
-    return run
-
-
-def hf_generate(cfg: Qwen3Config, prompts, new: int):
-    import torch  # noqa: PLC0415
-
-    model = hf_model(cfg).eval()
-    ids = torch.tensor(prompts)
-
-    def run():
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
-        assert out.shape[1] == ids.shape[1] + new
     return run
 
 
