@@ -40,7 +40,8 @@ def test_config_accepts_hub_and_transformers5_keys():
         Qwen3Config.from_hf(dict(base, model_type="llama"))
 
 
-def test_cached_decoding_equals_full_forward(tmp_path):
+@pytest.mark.parametrize("unstacked", [False, True], ids=["scanned", "unstacked"])
+def test_cached_decoding_equals_full_forward(tmp_path, unstacked):
     save_random(dense_config(), tmp_path)
     model = load_hf(str(tmp_path), dtype="float32")
     tokens, mask, _ = padded_batch(model.cfg.vocab_size, [7, 4], 10, seed=1)
@@ -50,9 +51,14 @@ def test_cached_decoding_equals_full_forward(tmp_path):
     positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
     out = model.hidden(tokens[:, :prompt], mask[:, :prompt], positions[:, :prompt], cache)
     steps = [model.logits(out.hidden_BTE)]
-    cache = out.cache
+    cache, layers = out.cache, None
+    if unstacked:  # the CPU sampler's decode: per-layer weights and caches
+        layers = model.unstack_layers()
+        with pytest.raises(ValueError, match="one LayerCache per layer"):
+            model.hidden(tokens[:, prompt:prompt + 1], cache=cache, layers=layers)
+        cache = cache.unstack()
     for t in range(prompt, 10):
-        out = model.hidden(tokens[:, t:t + 1], mask[:, t:t + 1], positions[:, t:t + 1], cache)
+        out = model.hidden(tokens[:, t:t + 1], mask[:, t:t + 1], positions[:, t:t + 1], cache, layers)
         cache = out.cache
         steps.append(model.logits(out.hidden_BTE))
     cached = np.concatenate([np.asarray(s) for s in steps], axis=1)

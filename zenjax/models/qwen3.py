@@ -421,6 +421,9 @@ class Qwen3(nnx.Module):
         x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(jnp.dtype(cfg.dtype))
         x = constrain(x, ("batch", "seq", "act_embed"))
 
+        if layers is not None and (cache is None or len(cache.layers) != len(layers)):
+            raise ValueError(f"hidden(layers=...) runs {len(layers)} unstacked layers and needs the cache they "
+                             "decode from, one LayerCache per layer (KVCache.unstack())")
         new_layers, aux_list = [], []
         for (graphdef, state), kv in zip(layers or (), cache.layers if layers else ()):
             x, kv, aux = nnx.merge(graphdef, state)(x, positions_BT, mask_BTS, mask_BT, tuple(kv), index)
