@@ -29,13 +29,13 @@ def _batch():
             "adv": rng.standard_normal(N).astype(np.float32)}
 
 
-def _step(cfg, mesh_sizes):
+def _step(cfg, mesh_sizes, completion_len=None):
     devices = jax.devices()[:int(np.prod(list(mesh_sizes.values())))] if mesh_sizes else jax.devices()[:1]
     mesh = sharding.make_mesh(**mesh_sizes, devices=devices)
     optim = base.get_config().optim
     optim.lr, optim.warmup_steps = 1e-3, 0  # Adam turns rounding of ~0 gradients into ~lr steps
     tx, schedule = make_optimizer(optim, 10)
-    hyper = RLHyper("gspo", 0.2, 0.28, 0.0, 4, cfg.router_aux_loss_coef, 0.0)
+    hyper = RLHyper("gspo", 0.2, 0.28, 0.0, 4, cfg.router_aux_loss_coef, 0.0, completion_len)
     with jax.set_mesh(mesh):
         state = init_state(cfg, tx, mesh, seed=0)
         _, update = make_functions(state, cfg, tx, hyper, mesh, schedule)
@@ -63,6 +63,16 @@ def test_adamw_step_on_a_mesh_equals_one_device(cfg_and_reference, mesh):
     if mesh.get("fsdp") == 4:  # the embedding-dim of large weights is split 4 ways (and heads 2 ways)
         q = params["stacks"][0]["attn"]["q"]
         assert q.addressable_shards[0].data.shape == (q.shape[0], 32 // 4, 4 // 2, 8)
+
+
+def test_scoring_only_the_completion_gives_the_same_step(cfg_and_reference):
+    # The LM head skips the prompt's targets (the first 4 of T - 1 = 8): they never reach the loss.
+    cfg, want_params, want = cfg_and_reference
+    params, metrics = _step(cfg, {}, completion_len=T - 1 - 4)
+    for k in ("loss", "grad_norm", "ratio_mean", "entropy"):
+        np.testing.assert_allclose(metrics[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-6), params,
+                 want_params)
 
 
 def test_global_batch_balancing_pools_the_step_counts_across_minibatches():

@@ -85,6 +85,7 @@ class RLHyper:
     chunk: int
     aux_coef: float
     z_coef: float
+    completion_len: int | None = None  # targets scored per sequence, the last ones (a rollout's completions)
 
 
 def _moe_terms(model: Qwen3, aux, global_counts=None):
@@ -111,7 +112,8 @@ def make_functions(state: State, cfg: Qwen3Config, tx, hyper: RLHyper, mesh: Mes
 
     def forward(params, tokens_NT, mask_NT):
         model = nnx.merge(graphdef, params)
-        (logp, ent), aux = sequence_logprobs(model, tokens_NT, mask_NT, chunk=hyper.chunk, with_entropy=True)
+        (logp, ent), aux = sequence_logprobs(model, tokens_NT, mask_NT, chunk=hyper.chunk, with_entropy=True,
+                                             last=hyper.completion_len)
         return model, logp, ent, aux
 
     @jax.jit

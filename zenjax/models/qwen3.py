@@ -491,9 +491,15 @@ def token_logprobs(hidden_BTE, head_ED, targets_BT, *, dtype=jnp.float32, chunk:
     return (unchunk(logp_NBC), unchunk(ent_NBC)) if with_entropy else unchunk(logp_NBC)
 
 
-def sequence_logprobs(model: Qwen3, tokens_BT, mask_BT, *, chunk: int = 256, with_entropy: bool = False):
-    """log p(tokens[:, t+1] | tokens[:, :t+1]) for t < T-1, as [B, T-1] (+ entropy, + MoE aux)."""
+def sequence_logprobs(model: Qwen3, tokens_BT, mask_BT, *, chunk: int = 256, with_entropy: bool = False,
+                      last: int | None = None):
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) for t < T-1, as [B, T-1] (+ entropy, + MoE aux). `last` scores
+    only the final `last` targets (a rollout's completion): the LM head skips the others, returned as zeros."""
     out = model.hidden(tokens_BT, mask_BT)
-    res = token_logprobs(out.hidden_BTE[:, :-1], model.head_weight(), tokens_BT[:, 1:],
+    start = 0 if last is None else max(tokens_BT.shape[1] - 1 - last, 0)
+    res = token_logprobs(out.hidden_BTE[:, start:-1], model.head_weight(), tokens_BT[:, start + 1:],
                          dtype=jnp.dtype(model.cfg.dtype), chunk=chunk, with_entropy=with_entropy)
+    if start:
+        pad = lambda a: jnp.pad(a, ((0, 0), (start, 0)))  # noqa: E731
+        res = tuple(map(pad, res)) if with_entropy else pad(res)
     return res, out.aux
