@@ -60,7 +60,7 @@ def iteration(cfg: Qwen3Config, repeats: int):
             batch, metrics, _ = rollout.collect(state.model(), items, IdsTokenizer(), config.rl, {"math": 1.0},
                                                 jax.random.key(it))
             t1 = time.perf_counter()
-            old_logp, routing = logprobs_fn(state.params, batch["tokens"], batch["mask"])
+            old_logp, _, routing = logprobs_fn(state.params, batch["tokens"], batch["mask"])
             batch["old_logp"] = np.asarray(old_logp)
             del batch["sampler_logp"]
             t2 = time.perf_counter()

@@ -69,7 +69,7 @@ def test_scoring_only_the_completion_gives_the_same_step(cfg_and_reference):
     # The LM head skips the prompt's targets (the first 4 of T - 1 = 8): they never reach the loss.
     cfg, want_params, want = cfg_and_reference
     params, metrics = _step(cfg, {}, completion_len=T - 1 - 4)
-    for k in ("loss", "grad_norm", "ratio_mean", "entropy"):
+    for k in ("loss", "grad_norm", "ratio_mean"):
         np.testing.assert_allclose(metrics[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-6), params,
                  want_params)
@@ -86,7 +86,7 @@ def test_global_batch_balancing_pools_the_step_counts_across_minibatches():
         logprobs, update = make_functions(state, cfg, tx, RLHyper("gspo", 0.2, 0.28, 0.0, 4, 0.1, 0.0), mesh,
                                           schedule)
         full = _batch()
-        _, routing = logprobs(state.params, full["tokens"], full["mask"])
+        _, _, routing = logprobs(state.params, full["tokens"], full["mask"])
         half = {k: v[:N // 2] for k, v in full.items()}
         _, aux = state.model()(half["tokens"], half["mask"])
         want = moe.moe_losses(aux, cfg, global_aux=routing["counts"])["aux_loss"]

@@ -149,7 +149,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             t1 = time.perf_counter()
             sampler_logp = batch.pop("sampler_logp")
             batch = _put(batch, mesh)
-            old_logp, routing = logprobs_fn(state.params, batch["tokens"], batch["mask"])
+            old_logp, entropy, routing = logprobs_fn(state.params, batch["tokens"], batch["mask"])
+            comp = batch["completion_mask"]
+            metrics["entropy"] = float(jnp.sum(entropy * comp) / jnp.maximum(jnp.sum(comp), 1))
             batch["old_logp"] = _put(sampler_logp, mesh) if rl.old_logprobs == "sampler" else old_logp
             if routing:
                 batch["old_topk"] = routing["topk"]

@@ -104,38 +104,38 @@ def _moe_terms(model: Qwen3, aux, global_counts=None):
 
 
 def make_functions(state: State, cfg: Qwen3Config, tx, hyper: RLHyper, mesh: Mesh, schedule: Callable):
-    """Jitted `logprobs(params, tokens, mask)` -> (log-probs, MoE routing: {} for dense) and
+    """Jitted `logprobs(params, tokens, mask)` -> (log-probs, entropies, MoE routing: {} for dense) and
     `update(params, opt_state, minibatch, step, global_counts)` (the routing's "counts", or None), with shardings
     from the rules."""
     graphdef = state.graphdef
     loss_fn = losses.get_loss(hyper.loss)
 
-    def forward(params, tokens_NT, mask_NT):
+    def forward(params, tokens_NT, mask_NT, with_entropy=False):
         model = nnx.merge(graphdef, params)
-        (logp, ent), aux = sequence_logprobs(model, tokens_NT, mask_NT, chunk=hyper.chunk, with_entropy=True,
-                                             last=hyper.completion_len)
-        return model, logp, ent, aux
+        res, aux = sequence_logprobs(model, tokens_NT, mask_NT, chunk=hyper.chunk, with_entropy=with_entropy,
+                                     last=hyper.completion_len)
+        return model, res, aux
 
     @jax.jit
     def logprobs(params, tokens_NT, mask_NT):
-        """Per-token log-probs, and for MoE the routing of the whole batch: every token's top-k experts
-        ([N, L, T, k], rows first so minibatches slice them; uint8 saves memory) and the per-layer expert counts
-        that global-batch balancing (`balance_global_batch`) pools over all minibatches of the step."""
-        _, logp, _, aux = forward(params, tokens_NT, mask_NT)
+        """Per-token log-probs and entropies, and for MoE the routing of the whole batch: every token's top-k
+        experts ([N, L, T, k], rows first so minibatches slice them; uint8 saves memory) and the per-layer expert
+        counts that global-batch balancing (`balance_global_batch`) pools over all minibatches of the step.
+        The policy's entropy is logged from here, once per step, rather than from every update's forward."""
+        _, (logp, ent), aux = forward(params, tokens_NT, mask_NT, with_entropy=True)
         if not aux:
-            return logp, {}
+            return logp, ent, {}
         topk = jnp.moveaxis(aux["topk"], 0, 1).astype(jnp.uint8 if cfg.num_experts <= 256 else jnp.int32)
-        return logp, {"topk": topk, "counts": {k: aux[k] for k in ("expert_counts", "tokens")}}
+        return logp, ent, {"topk": topk, "counts": {k: aux[k] for k in ("expert_counts", "tokens")}}
 
     def update(params, opt_state, batch, step, global_counts):
         def objective(params):
-            model, logp, ent, aux = forward(params, batch["tokens"], batch["mask"])
+            model, logp, aux = forward(params, batch["tokens"], batch["mask"])
             comp = batch["completion_mask"]
             loss, metrics = loss_fn(logp, batch["old_logp"], batch["adv"], comp, ref_logp_BT=batch.get("ref_logp"),
                                     eps_low=hyper.eps_low, eps_high=hyper.eps_high, kl_coef=hyper.kl_coef)
             extra, moe_metrics = _moe_terms(model, aux, global_counts)
             metrics.update(moe_metrics)
-            metrics["entropy"] = jnp.sum(ent * comp) / jnp.maximum(jnp.sum(comp), 1)
             if "old_topk" in batch and aux:
                 from zenjax.models import moe  # noqa: PLC0415
 
