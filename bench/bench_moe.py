@@ -6,7 +6,8 @@ active parameters, and transformers' Qwen3MoeForCausalLM (torch, same threads).
 
 A training step is forward + backward of the mean next-token cross-entropy over full logits (+ the load-balance
 loss for MoE, as transformers adds it), no optimizer. Generation is greedy, every sequence runs the full budget.
-Runs are interleaved and the best of `--repeats` is kept, so load from other processes hits every row alike.
+Runs of a phase are interleaved and the best of `--repeats` is kept, so load from other processes hits every row
+alike.
 """
 from __future__ import annotations
 
@@ -117,7 +118,9 @@ def main():
         if use_hf:
             runners["generate transformers MoE"] = hf_generate(MOE, prompts, args.new)
         counts.update({name: args.batch * args.new for name in runners if name.startswith("generate")})
-    best = interleaved_best(runners, args.repeats)
+    best = {}  # each phase's runs interleaved among themselves: a transformers generate slows what follows it
+    for phase in ("train", "generate"):
+        best.update(interleaved_best({k: v for k, v in runners.items() if k.startswith(phase)}, args.repeats))
     rows = {name: counts[name] / t for name, t in best.items()}
 
     print(f"\n| {f'batch {args.batch}: train {args.seq}, generate {args.prompt}+{args.new}':<36} | {'tok/s':>7} |"
