@@ -47,7 +47,7 @@ def iteration(cfg: Qwen3Config, repeats: int):
                      loss="gspo_token", temperature=1.0, logprob_chunk=256)
     mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1])
     tx, schedule = make_optimizer(config.optim, 1000)
-    hyper = RLHyper("gspo_token", 3e-4, 4e-4, 0.0, 256, cfg.router_aux_loss_coef, 0.0, completion_len=NEW)
+    hyper = RLHyper("gspo_token", 3e-4, 4e-4, 0.0, 256, completion_len=NEW)
     rng = np.random.default_rng(0)
     items = [{"id": str(i), "prompt_ids": rng.integers(3, cfg.vocab_size, PROMPT).tolist(), "answer": "7",
               "prompt": ""} for i in range(P)]

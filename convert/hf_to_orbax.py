@@ -4,6 +4,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+
 import jax.numpy as jnp
 import numpy as np
 

@@ -35,7 +35,7 @@ def _step(cfg, mesh_sizes, completion_len=None):
     optim = base.get_config().optim
     optim.lr, optim.warmup_steps = 1e-3, 0  # Adam turns rounding of ~0 gradients into ~lr steps
     tx, schedule = make_optimizer(optim, 10)
-    hyper = RLHyper("gspo", 0.2, 0.28, 0.0, 4, cfg.router_aux_loss_coef, 0.0, completion_len)
+    hyper = RLHyper("gspo", 0.2, 0.28, 0.0, 4, completion_len)
     with jax.set_mesh(mesh):
         state = init_state(cfg, tx, mesh, seed=0)
         _, update = make_functions(state, cfg, tx, hyper, mesh, schedule)
@@ -83,7 +83,7 @@ def test_global_batch_balancing_pools_the_step_counts_across_minibatches():
     tx, schedule = make_optimizer(base.get_config().optim, 10)
     with jax.set_mesh(mesh):
         state = init_state(cfg, tx, mesh, seed=0)
-        logprobs, update = make_functions(state, cfg, tx, RLHyper("gspo", 0.2, 0.28, 0.0, 4, 0.1, 0.0), mesh,
+        logprobs, update = make_functions(state, cfg, tx, RLHyper("gspo", 0.2, 0.28, 0.0, 4), mesh,
                                           schedule)
         full = _batch()
         _, _, routing = logprobs(state.params, full["tokens"], full["mask"])

@@ -105,7 +105,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     updates_per_step = rl.minibatches
     tx, schedule = make_optimizer(config.optim, config.steps * updates_per_step // config.optim.grad_accum)
     hyper = RLHyper(rl.loss, rl.eps_low, rl.eps_high, rl.kl_coef, rl.logprob_chunk,
-                    cfg.router_aux_loss_coef, cfg.router_z_loss_coef, completion_len=rl.max_new_tokens)
+                    completion_len=rl.max_new_tokens)
     stop = install_signal_handlers()
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints,
                         save_every=config.checkpoint_every)

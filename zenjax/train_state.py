@@ -83,8 +83,6 @@ class RLHyper:
     eps_high: float
     kl_coef: float
     chunk: int
-    aux_coef: float
-    z_coef: float
     completion_len: int | None = None  # targets scored per sequence, the last ones (a rollout's completions)
 
 

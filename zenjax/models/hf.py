@@ -56,8 +56,8 @@ def _t(a):
 
 
 def _stack_t(arrs: Sequence[np.ndarray]) -> np.ndarray:
-    """Experts' [out, in] tensors -> [experts, in, out], filled one expert at a time: with a lazily reading
-    sequence, one layer's experts are in memory once, not twice."""
+    """Experts' [out, in] tensors -> [experts, in, out], filled one expert at a time: one expert's transposed
+    copy at a time, not all of them before a stack."""
     out = None
     for x, a in enumerate(arrs):
         if out is None:

@@ -393,9 +393,8 @@ class Qwen3(nnx.Module):
         of decoding (bound by reading the weights). A decode loop that takes these copies, made once per
         generation, reads each weight once per token, for one more copy of the layer weights while it runs."""
         out = []
-        for stack in self.stacks:
+        for stack, (_, n) in zip(self.stacks, self.cfg.segments()):
             graphdef, state = nnx.split(stack)
-            n = jax.tree.leaves(state)[0].shape[0]
             out += [(graphdef, jax.tree.map(lambda a, j=j: a[j], state)) for j in range(n)]
         return tuple(out)
 
@@ -421,16 +420,17 @@ class Qwen3(nnx.Module):
         x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(jnp.dtype(cfg.dtype))
         x = constrain(x, ("batch", "seq", "act_embed"))
 
-        if layers is not None and (cache is None or len(cache.layers) != len(layers)):
-            raise ValueError(f"hidden(layers=...) runs {len(layers)} unstacked layers and needs the cache they "
-                             "decode from, one LayerCache per layer (KVCache.unstack())")
+        args = (x, positions_BT, mask_BTS, mask_BT, cache, index)
+        x, new_layers, aux_list = self._scan_stacks(*args) if layers is None else self._one_by_one(layers, *args)
+        aux = {k: jnp.concatenate([a[k] for a in aux_list]) for k in aux_list[0]} if aux_list else {}
+        h = self.final_norm(x)
+        if cache is not None:
+            cache = KVCache(tuple(new_layers), valid_BS, index + T)
+        return Output(h, cache, aux)
+
+    def _scan_stacks(self, x, positions_BT, mask_BTS, mask_BT, cache, index):
         new_layers, aux_list = [], []
-        for (graphdef, state), kv in zip(layers or (), cache.layers if layers else ()):
-            x, kv, aux = nnx.merge(graphdef, state)(x, positions_BT, mask_BTS, mask_BT, tuple(kv), index)
-            new_layers.append(LayerCache(*kv))
-            if aux:
-                aux_list.append({k: v[None] for k, v in aux.items()})
-        for i, stack in enumerate(() if layers else self.stacks):
+        for i, stack in enumerate(self.stacks):
             graphdef, state = nnx.split(stack)
 
             def body(x, xs, graphdef=graphdef):
@@ -438,18 +438,27 @@ class Qwen3(nnx.Module):
                 x, kv, aux = nnx.merge(graphdef, layer_state)(x, positions_BT, mask_BTS, mask_BT, kv, index)
                 return x, (kv, aux)
 
-            if cfg.remat:
+            if self.cfg.remat:
                 body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
             kv_in = None if cache is None else tuple(cache.layers[i])
             x, (kv_out, aux) = jax.lax.scan(body, x, (state, kv_in))
             new_layers.append(None if cache is None else LayerCache(*kv_out))
             if aux:
                 aux_list.append(aux)
-        aux = {k: jnp.concatenate([a[k] for a in aux_list]) for k in aux_list[0]} if aux_list else {}
-        h = self.final_norm(x)
-        if cache is not None:
-            cache = KVCache(tuple(new_layers), valid_BS, index + T)
-        return Output(h, cache, aux)
+        return x, new_layers, aux_list
+
+    @staticmethod
+    def _one_by_one(layers, x, positions_BT, mask_BTS, mask_BT, cache, index):
+        if cache is None or len(cache.layers) != len(layers):
+            raise ValueError(f"hidden(layers=...) runs {len(layers)} unstacked layers and needs the cache they "
+                             "decode from, one LayerCache per layer (KVCache.unstack())")
+        new_layers, aux_list = [], []
+        for (graphdef, state), kv in zip(layers, cache.layers):
+            x, kv, aux = nnx.merge(graphdef, state)(x, positions_BT, mask_BTS, mask_BT, tuple(kv), index)
+            new_layers.append(LayerCache(*kv))
+            if aux:
+                aux_list.append({k: v[None] for k, v in aux.items()})  # as a scan over one layer stacks it
+        return x, new_layers, aux_list
 
     def logits(self, hidden_BTE) -> jax.Array:
         dt = jnp.dtype(self.cfg.dtype)
