@@ -247,7 +247,9 @@ class Attention(nnx.Module):
             out_BTKGD = self._decode_attention(q_BTKGD[:, 0], *kv, mask_BTS[:, 0])[:, None].astype(dt)
         else:
             out_BTKGD = _attend(q_BTKGD, k_BSKD.astype(dt), v_BSKD.astype(dt), mask_BTS)
-        out_BTE = jnp.einsum("bthd,hde->bte", out_BTKGD.reshape(B, T, H, D), self.o[...].astype(dt))
+        # Heads flattened on both sides: as a 4-d contraction, XLA:CPU transposes the whole o weight at every
+        # decode step to match the attention output's layout.
+        out_BTE = out_BTKGD.reshape(B, T, H * D) @ self.o[...].astype(dt).reshape(H * D, -1)
         return out_BTE, kv
 
     @staticmethod
@@ -462,8 +464,14 @@ class Qwen3(nnx.Module):
 
     def logits(self, hidden_BTE) -> jax.Array:
         dt = jnp.dtype(self.cfg.dtype)
-        logits = jnp.einsum("bte,ev->btv", hidden_BTE.astype(dt), self.head_weight().astype(dt),
-                            preferred_element_type=jnp.float32)
+        if self.cfg.tie_embeddings and hidden_BTE.shape[1] == 1:
+            # A decode step streams the whole [V, E] embedding: XLA:CPU reads it ~30% faster as the left operand
+            # of the matmul than as a transposed right one.
+            logits = jnp.einsum("ve,bte->vbt", self.embed[...].astype(dt), hidden_BTE.astype(dt),
+                                preferred_element_type=jnp.float32).transpose(1, 2, 0)
+        else:
+            logits = jnp.einsum("bte,ev->btv", hidden_BTE.astype(dt), self.head_weight().astype(dt),
+                                preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "seq", "act_vocab"))
 
     def __call__(self, tokens_BT, mask_BT=None, positions_BT=None):
