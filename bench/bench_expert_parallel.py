@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from zenjax import sharding  # noqa: E402
+from zenjax import hostmem, sharding  # noqa: E402
 from zenjax.models import Qwen3, Qwen3Config, moe  # noqa: E402
 
 
@@ -109,4 +109,5 @@ def main():
 
 
 if __name__ == "__main__":
+    hostmem.reexec_with_huge_pages()
     main()

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from configs import base
-from zenjax import sharding
+from zenjax import hostmem, sharding
 from zenjax.models import Qwen3Config
 from zenjax.rl import rollout
 from zenjax.train_state import RLHyper, init_state, make_functions, make_optimizer
@@ -97,4 +97,5 @@ def main():
 
 
 if __name__ == "__main__":
+    hostmem.reexec_with_huge_pages()
     main()

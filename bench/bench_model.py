@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from zenjax import hostmem
 from zenjax.models import Qwen3, Qwen3Config, sequence_logprobs
 from zenjax.sampling import sample
 
@@ -172,4 +173,5 @@ def main():
 
 
 if __name__ == "__main__":
+    hostmem.reexec_with_huge_pages()
     main()

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from bench.bench_model import hf_generate, hf_model
+from zenjax import hostmem
 from zenjax.models import Qwen3, Qwen3Config, moe
 
 BASE = dict(vocab_size=32768, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64,
@@ -138,4 +139,5 @@ def main():
 
 
 if __name__ == "__main__":
+    hostmem.reexec_with_huge_pages()
     main()

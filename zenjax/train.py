@@ -20,7 +20,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from zenjax import distributed, sharding
+from zenjax import distributed, hostmem, sharding
 from zenjax.checkpoint import Checkpointer, frozen_reference, install_signal_handlers
 from zenjax.config import model_config_from, validate
 from zenjax.data import PromptLoader, eval_items
@@ -230,4 +230,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    hostmem.reexec_with_huge_pages()
     app.run(main)

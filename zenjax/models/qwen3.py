@@ -237,16 +237,15 @@ class Attention(nnx.Module):
             k_BKSD, v_BKSD = (jax.lax.dynamic_update_slice_in_dim(c, new.swapaxes(1, 2).astype(c.dtype), index, axis=2)
                               for c, new in ((k_cache, k_BTKD), (v_cache, v_BTKD)))
             kv = (k_BKSD, v_BKSD)
-            k_BSKD, v_BSKD = k_BKSD.swapaxes(1, 2), v_BKSD.swapaxes(1, 2)
         else:
-            k_BSKD, v_BSKD = k_BTKD, v_BTKD
+            k_BKSD, v_BKSD = k_BTKD.swapaxes(1, 2), v_BTKD.swapaxes(1, 2)
         B, T, H, D = q_BTHD.shape
         K = cfg.num_kv_heads
         q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
         if T == 1 and kv is not None:
             out_BTKGD = self._decode_attention(q_BTKGD[:, 0], *kv, mask_BTS[:, 0])[:, None].astype(dt)
         else:
-            out_BTKGD = _attend(q_BTKGD, k_BSKD.astype(dt), v_BSKD.astype(dt), mask_BTS)
+            out_BTKGD = _attend(q_BTKGD, k_BKSD.astype(dt), v_BKSD.astype(dt), mask_BTS)
         # Heads flattened on both sides: as a 4-d contraction, XLA:CPU transposes the whole o weight at every
         # decode step to match the attention output's layout.
         out_BTE = out_BTKGD.reshape(B, T, H * D) @ self.o[...].astype(dt).reshape(H * D, -1)
@@ -263,40 +262,51 @@ class Attention(nnx.Module):
         return jnp.einsum("bkgs,bksd->bkgd", probs_BKGS, v_BKSD.astype(f32))
 
 
-def _scores(q_BTKGD, k_BSKD, mask_BTS):
-    scores = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD, preferred_element_type=jnp.float32)
+def _attend(q_BTKGD, k_BKSD, v_BKSD, mask_BTS):
+    """Causal/padded attention of every query head on its KV head, in heads-major layout: M = G*T query rows
+    per (batch, KV head), so each of the five matmuls of forward and backward is a plain batched matmul. (Left in
+    [B, T, K, G, D], XLA:CPU transposes the [.., T, S] score arrays between them: a 1.6x slower layer.)"""
+    B, T, K, G, D = q_BTKGD.shape
+    S = k_BKSD.shape[2]
+    q_BKMD = q_BTKGD.transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, D)
+    mask_B1MS = jnp.broadcast_to(mask_BTS[:, None, None], (B, 1, G, T, S)).reshape(B, 1, G * T, S)
+    out_BKMD = _attend_heads(q_BKMD, k_BKSD, v_BKSD, mask_B1MS)
+    return out_BKMD.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4)
+
+
+def _scores(q_BKMD, k_BKSD, mask_B1MS):
+    scores = jnp.einsum("bkmd,bksd->bkms", q_BKMD, k_BKSD, preferred_element_type=jnp.float32)
     # A finite floor keeps fully-masked (padding) query rows finite instead of NaN.
-    return jnp.where(mask_BTS[:, None, None], scores * q_BTKGD.shape[-1] ** -0.5, jnp.finfo(jnp.float32).min)
+    return jnp.where(mask_B1MS, scores * q_BKMD.shape[-1] ** -0.5, jnp.finfo(jnp.float32).min)
 
 
-def _attend_fwd(q_BTKGD, k_BSKD, v_BSKD, mask_BTS):
-    scores = _scores(q_BTKGD, k_BSKD, mask_BTS)
+def _attend_fwd(q_BKMD, k_BKSD, v_BKSD, mask_B1MS):
+    scores = _scores(q_BKMD, k_BKSD, mask_B1MS)
     # Max and sum kept apart (not as one log-sum-exp): on a fully-masked row the floor swallows log(S).
     max_ = jnp.max(scores, axis=-1, keepdims=True)
     exp = jnp.exp(scores - max_)
     sum_ = jnp.sum(exp, axis=-1, keepdims=True)
-    out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", (exp / sum_).astype(q_BTKGD.dtype), v_BSKD)
-    return out_BTKGD, (q_BTKGD, k_BSKD, v_BSKD, mask_BTS, out_BTKGD, max_, sum_)
+    out_BKMD = jnp.einsum("bkms,bksd->bkmd", (exp / sum_).astype(q_BKMD.dtype), v_BKSD)
+    return out_BKMD, (q_BKMD, k_BKSD, v_BKSD, mask_B1MS, out_BKMD, max_, sum_)
 
 
-def _attend_bwd(res, dout_BTKGD):
-    # The [B, K, G, T, S] probabilities are recomputed from q, k and the softmax normaliser rather than stored
+def _attend_bwd(res, dout_BKMD):
+    # The [B, K, M, S] probabilities are recomputed from q, k and the softmax normaliser rather than stored
     # for every layer: one more q.k matmul instead of a residual that grows with T^2.
-    q_BTKGD, k_BSKD, v_BSKD, mask_BTS, out_BTKGD, max_, sum_ = res
-    dt = q_BTKGD.dtype
-    probs = jnp.exp(_scores(q_BTKGD, k_BSKD, mask_BTS) - max_) / sum_
-    dv_BSKD = jnp.einsum("bkgts,btkgd->bskd", probs.astype(dt), dout_BTKGD)
-    dprobs = jnp.einsum("btkgd,bskd->bkgts", dout_BTKGD, v_BSKD, preferred_element_type=jnp.float32)
-    delta_BTKG = jnp.sum(dout_BTKGD.astype(jnp.float32) * out_BTKGD.astype(jnp.float32), axis=-1)
-    dscores = probs * (dprobs - jnp.moveaxis(delta_BTKG, 1, -1)[..., None])
-    dscores = jnp.where(mask_BTS[:, None, None], dscores * q_BTKGD.shape[-1] ** -0.5, 0.0).astype(dt)
-    dq_BTKGD = jnp.einsum("bkgts,bskd->btkgd", dscores, k_BSKD)
-    dk_BSKD = jnp.einsum("bkgts,btkgd->bskd", dscores, q_BTKGD)
-    return dq_BTKGD, dk_BSKD, dv_BSKD, None
+    q_BKMD, k_BKSD, v_BKSD, mask_B1MS, out_BKMD, max_, sum_ = res
+    dt = q_BKMD.dtype
+    probs = jnp.exp(_scores(q_BKMD, k_BKSD, mask_B1MS) - max_) / sum_
+    dv_BKSD = jnp.einsum("bkms,bkmd->bksd", probs.astype(dt), dout_BKMD)
+    dprobs = jnp.einsum("bkmd,bksd->bkms", dout_BKMD, v_BKSD, preferred_element_type=jnp.float32)
+    delta_BKM1 = jnp.sum(dout_BKMD.astype(jnp.float32) * out_BKMD.astype(jnp.float32), axis=-1, keepdims=True)
+    dscores = jnp.where(mask_B1MS, probs * (dprobs - delta_BKM1) * q_BKMD.shape[-1] ** -0.5, 0.0).astype(dt)
+    dq_BKMD = jnp.einsum("bkms,bksd->bkmd", dscores, k_BKSD)
+    dk_BKSD = jnp.einsum("bkms,bkmd->bksd", dscores, q_BKMD)
+    return dq_BKMD, dk_BKSD, dv_BKSD, None
 
 
-_attend = jax.custom_vjp(lambda q, k, v, mask: _attend_fwd(q, k, v, mask)[0])
-_attend.defvjp(_attend_fwd, _attend_bwd)
+_attend_heads = jax.custom_vjp(lambda q, k, v, mask: _attend_fwd(q, k, v, mask)[0])
+_attend_heads.defvjp(_attend_fwd, _attend_bwd)
 
 
 class MLP(nnx.Module):

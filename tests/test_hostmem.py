@@ -1,0 +1,38 @@
+import os
+import platform
+import subprocess
+import sys
+
+from zenjax import hostmem
+
+GLIBC = ("glibc", "2.36")
+MADVISE = "always [madvise] never\n"
+
+
+def test_tunable_added_for_glibc_with_thp_on_request():
+    assert hostmem.tunables_with_huge_pages(None, MADVISE, GLIBC) == "glibc.malloc.hugetlb=1"
+    assert hostmem.tunables_with_huge_pages("glibc.malloc.arena_max=2", MADVISE, GLIBC) == \
+        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+
+
+def test_nothing_to_change():
+    assert hostmem.tunables_with_huge_pages("glibc.malloc.hugetlb=0", MADVISE, GLIBC) is None  # user opted out
+    assert hostmem.tunables_with_huge_pages(None, "[always] madvise never\n", GLIBC) is None
+    assert hostmem.tunables_with_huge_pages(None, "always madvise [never]\n", GLIBC) is None
+    assert hostmem.tunables_with_huge_pages(None, MADVISE, ("glibc", "2.31")) is None  # before the tunable
+    assert hostmem.tunables_with_huge_pages(None, MADVISE, ("", "")) is None  # musl, macOS
+
+
+def test_reexec_keeps_the_command_line_and_runs_once():
+    script = ("import os, sys; from zenjax import hostmem; print('start', flush=True); "
+              "hostmem.reexec_with_huge_pages(); print(os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", script, "a", "--b=1"], env=env, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    try:
+        with open(hostmem.THP_MODE) as f:
+            thp_mode = f.read()
+    except OSError:
+        thp_mode = ""
+    expected = hostmem.tunables_with_huge_pages(None, thp_mode, platform.libc_ver())
+    assert out == ["start"] * (1 + (expected is not None)) + [f"{expected} ['a', '--b=1']"]
