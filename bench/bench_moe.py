@@ -23,7 +23,7 @@ from flax import nnx
 
 from bench.bench_model import hf_generate, hf_model
 from zenjax import hostmem
-from zenjax.models import Qwen3, Qwen3Config, moe
+from zenjax.models import Qwen3, Qwen3Config, moe, sequence_logprobs
 
 BASE = dict(vocab_size=32768, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64,
             tie_embeddings=True, max_position_embeddings=4096, dtype="float32")
@@ -50,11 +50,9 @@ def jax_train(cfg: Qwen3Config, tokens):
 
     @jax.jit
     def grads(params, tokens):
-        def loss_fn(params):
-            logits, aux = nnx.merge(graphdef, params)(tokens, mask)
-            logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-            nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
-            return nll + cfg.router_aux_loss_coef * moe.moe_losses(aux, cfg)["aux_loss"]
+        def loss_fn(params):  # the trainer's log-prob path (the LM head without [B, T, V] float32 logits)
+            logp, aux = sequence_logprobs(nnx.merge(graphdef, params), tokens, mask)
+            return -logp.mean() + cfg.router_aux_loss_coef * moe.moe_losses(aux, cfg)["aux_loss"]
         return jax.grad(loss_fn)(params)
 
     return lambda: jax.block_until_ready(grads(params, tokens))
