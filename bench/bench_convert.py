@@ -3,10 +3,11 @@
     python bench/bench_convert.py [--model dense|moe|both] [--dir /tmp/zenjax-bench]
 
 For each model: writes a random bf16 HF checkpoint (500 MB files), measures the disk's sequential read speed with
-dd (O_DIRECT) and the speed of a plain durable copy of the files (dd, fsynced), then runs hf-to-orbax and orbax-to-hf each in a fresh child process and reports the conversion's
-seconds and MB/s (source bytes / time inside the conversion, and with interpreter start-up), and the child's peak
-RSS against the largest tensor group (a layer's tensors, experts included, or the embedding) and the baseline RSS
-of a child that imports everything and plans the conversion without reading tensors (`python -m convert inspect`).
+dd (O_DIRECT, median of 3) and the speed of a plain durable copy of the files (dd, fsynced), then runs hf-to-orbax
+and orbax-to-hf each in a fresh child process and reports the conversion's seconds and MB/s (source bytes / time
+inside the conversion, and with interpreter start-up), and the child's peak RSS against the largest tensor group
+(a layer's tensors, experts included, or the embedding) and the baseline RSS of a child that imports everything
+and plans the conversion without reading tensors (`python -m convert inspect`).
 Targets: peak RSS < 2x largest group + baseline; MB/s >= half of dd's.
 """
 from __future__ import annotations
@@ -76,14 +77,19 @@ def drop_caches() -> bool:
         return False
 
 
-def dd_read_speed(directory: str) -> float:
-    """MB/s of dd reading every safetensors file with O_DIRECT (no page cache)."""
+def dd_read_speed(directory: str, runs: int = 3) -> float:
+    """MB/s of dd reading every safetensors file with O_DIRECT (no page cache): the median of `runs` reads, as
+    this (virtual) disk's speed swings between runs."""
     files = [os.path.join(directory, f) for f in sorted(os.listdir(directory)) if f.endswith(".safetensors")]
     total = sum(os.path.getsize(f) for f in files)
-    t = time.perf_counter()
-    for f in files:
-        subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=16M", "iflag=direct"], check=True, capture_output=True)
-    return total / (time.perf_counter() - t) / 1e6
+    speeds = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        for f in files:
+            subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=16M", "iflag=direct"], check=True,
+                           capture_output=True)
+        speeds.append(total / (time.perf_counter() - t) / 1e6)
+    return float(np.median(speeds))
 
 
 def copy_speed(directory: str, scratch: str) -> float:
@@ -118,7 +124,9 @@ def run_child(code: str) -> tuple[dict, float]:
 
 
 def timed(call: str) -> str:
-    return (f"import time\nfrom convert.hf_to_orbax import hf_to_orbax\nfrom convert.orbax_to_hf import "
+    """The conversion `call` as `python -m convert` runs it (re-executed with huge-page malloc), timed."""
+    return (f"from zenjax import hostmem\nhostmem.reexec_with_huge_pages()\nimport time\n"
+            f"from convert.hf_to_orbax import hf_to_orbax\nfrom convert.orbax_to_hf import "
             f"orbax_to_hf\nt = time.perf_counter()\n{call}\nout = {{'s': time.perf_counter() - t}}")
 
 
@@ -138,8 +146,8 @@ def bench(name: str, root: str) -> list[dict]:
         drop_caches()
         res, wall = run_child(timed(call))
         rows.append(dict(model=name, direction=direction, gb=total / 1e9, s=res["s"], wall=wall,
-                         mbs=total / res["s"] / 1e6, mbs_wall=total / wall / 1e6, dd=dd, cp=cp, cold=cold, rss=res["rss"],
-                         baseline=baseline, slice=largest_slice / 2**20, group=largest_group / 2**20))
+                         mbs=total / res["s"] / 1e6, mbs_wall=total / wall / 1e6, dd=dd, cp=cp, cold=cold,
+                         rss=res["rss"], baseline=baseline, slice=largest_slice / 2**20, group=largest_group / 2**20))
     shutil.rmtree(work)
     return rows
 
@@ -156,7 +164,8 @@ def main():
         print(f"{r['model']:<6} {r['direction']:<12} {r['gb']:>5.2f} {r['s']:>6.2f} {r['mbs']:>6.0f} "
               f"{r['mbs_wall']:>6.0f} {r['dd']:>7.0f} {r['cp']:>7.0f} {r['rss']:>6.0f}MB {r['baseline']:>6.0f}MB "
               f"{r['slice']:>5.0f}MB {r['group']:>5.0f}MB {(r['rss'] - r['baseline']) / r['group']:>16.2f}")
-    print("dd: O_DIRECT sequential read; cp: dd copy of the same files, cold and fsynced (read + buffered write)")
+    print("dd: O_DIRECT sequential read, median of 3; cp: dd copy of the same files, cold and fsynced "
+          "(read + buffered write)")
     print("slice: the largest parameter slice converted at once (one layer's experts of gate, up or down); group:"
           " the largest layer (all its tensors) or unstacked parameter (the embedding); MB = MiB")
     print("page cache dropped before each run" if rows[0]["cold"] else "page cache NOT dropped (not permitted): "

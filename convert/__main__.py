@@ -51,4 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from zenjax import hostmem  # noqa: PLC0415 - after JAX_PLATFORMS is set
+
+    hostmem.reexec_with_huge_pages()
     sys.exit(main())

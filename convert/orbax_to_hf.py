@@ -42,7 +42,7 @@ class SafetensorsWriter:
         self._order = [(i, t) for i, shard in enumerate(shards) for t in shard]
         self._next = 0
         self._file = None
-        self._unflushed = 0  # bytes written since the kernel was last asked to start writing them back
+        self._writeback = weights.Writeback(directory)
         self.total_size = sum(t[3] for _, t in self._order)
 
     def _open(self, i: int) -> None:
@@ -68,16 +68,14 @@ class SafetensorsWriter:
             self._open(i)
         self._file.write(np.ascontiguousarray(value).reshape(-1).view(np.uint8).data)
         self._next += 1
-        self._unflushed += value.nbytes
-        if self._unflushed >= weights.WRITEBACK_BYTES:
-            self._unflushed = 0
-            self._file.flush()
-            weights.start_writeback(self.directory)
+        self._file.flush()  # the writeback thread sees the bytes written so far
+        self._writeback.wrote(value.nbytes)
 
     def close(self) -> None:
         """Checks every planned tensor was written; writes the index."""
         if self._file is not None:
             self._file.close()
+        self._writeback.close()
         if self._next != len(self._order):
             raise ValueError(f"tensors never written: {[t[0] for _, t in self._order[self._next:]][:20]}")
         if len(self._names) > 1:
@@ -105,15 +103,16 @@ def orbax_to_hf(src: str, out: str, *, dtype: np.dtype | None = None, max_shard_
               for e in plan_entries]
     with weights.atomic_directory(out) as tmp:
         writer = SafetensorsWriter(tmp, plan, max_shard_size)
-        ahead: dict[int, tuple] = {}  # reads of small slices issued ahead, by entry index
+        ahead: dict[int, tuple] = {}  # reads issued ahead, by entry index
         with progress(writer.total_size, "orbax-to-hf") as bar:
             for i, e in enumerate(plan_entries):
                 value, done = ahead.pop(i) if i in ahead else reader.read_async(e.path, e.layer)
                 done.result()
-                # Small slices after this one are read in the background while it is written.
+                # The next slice (and more, up to CHUNK_BYTES) is read in the background while this one is
+                # written: at most one slice more in memory.
                 j = max(ahead, default=i) + 1
-                while (j < len(plan_entries) and nbytes[j] <= weights.CHUNK_BYTES
-                       and sum(nbytes[k] for k in ahead) + nbytes[j] <= weights.CHUNK_BYTES):
+                while (j < len(plan_entries) and (j == i + 1 or sum(nbytes[k] for k in ahead) + nbytes[j]
+                                                  <= weights.CHUNK_BYTES)):
                     ahead[j] = reader.read_async(plan_entries[j].path, plan_entries[j].layer)
                     j += 1
                 value = value.astype(out_dtype[e.path], copy=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -219,9 +220,15 @@ def check_keys(cfg: Qwen3Config, available: set[str]) -> None:
 
 def param_shapes(cfg: Qwen3Config) -> dict[Path, tuple[tuple[int, ...], tuple[str | None, ...]]]:
     """Shape and logical axis names of every parameter, by path; nothing is allocated."""
+    return dict(_param_shapes(cfg))
+
+
+@functools.lru_cache(maxsize=16)
+def _param_shapes(cfg: Qwen3Config) -> tuple:
+    # Traced once per config: a conversion asks several times, and tracing a large model takes a while.
     model = nnx.eval_shape(lambda: Qwen3(cfg, rngs=nnx.Rngs(0)))
-    return {path: (tuple(var.get_value().shape), tuple(var.get_metadata()["out_sharding"]))
-            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return tuple((path, (tuple(var.get_value().shape), tuple(var.get_metadata()["out_sharding"])))
+                 for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)))
 
 
 def slice_shape(e: Entry, param_shape: tuple[int, ...]) -> tuple[int, ...]:
