@@ -168,10 +168,12 @@ def _local_experts(x_NE, idx_NK, w_NK, gate_XEF, up_XEF, down_XFE, first, kernel
         # weights once in place (no per-block copies) and skips the sort.
         return _every_expert(x_NE, idx_NK, w_NK, gate_XEF, up_XEF, down_XFE, first)
     capacity = N * min(K, X)  # a token's K choices are distinct experts: at most min(K, X) of them land here
-    # The blocked kernel pads each expert's group to whole blocks: a block of about the mean rows per expert keeps
-    # the padding under 2x, and at most 256 rows (larger blocks measured slower on CPU for the padding they add).
-    mean_rows = 1 << max(0, (capacity // X).bit_length() - 1)
-    block = 1 if kernel == "ragged_dot" else max(MIN_BLOCK, min(256, mean_rows))
+    # The blocked kernel pads each expert's group to whole blocks. A block of a quarter to a half of the mean rows
+    # per expert pads by a quarter at most, on average; smaller blocks cost more in per-block overhead than they
+    # save (one layer of a GSPO minibatch, 320 rows per expert, forward and backward: 97 / 79 / 83 ms with blocks
+    # of 256 / 128 / 64). At most 256 rows: larger blocks measured no faster on CPU.
+    quarter_to_half_mean = 1 << max(0, (capacity // X).bit_length() - 2)
+    block = 1 if kernel == "ragged_dot" else max(MIN_BLOCK, min(256, quarter_to_half_mean))
     lay = _layout(idx_NK.reshape(-1) - first, X, block, capacity)
     x_ME = _take_rows(x_NE, lay.src_M, lay.dest_P, K)
     if kernel == "ragged_dot":
@@ -179,8 +181,7 @@ def _local_experts(x_NE, idx_NK, w_NK, gate_XEF, up_XEF, down_XFE, first, kernel
         h_MF = jax.nn.silu(jax.lax.ragged_dot(x_ME, gate_XEF, sizes)) * jax.lax.ragged_dot(x_ME, up_XEF, sizes)
         y_ME = jax.lax.ragged_dot(h_MF, down_XFE, sizes)
     elif kernel == "blocked":
-        y_ME = _blocked_mlp(*_vary_together(x_ME, gate_XEF, up_XEF, down_XFE), lay.block_expert, lay.used_blocks,
-                            block)
+        y_ME = _blocked_mlp(*_vary_together(x_ME, gate_XEF, up_XEF, down_XFE), lay.blocks_X, block)
     else:
         raise ValueError(f"unknown expert kernel {kernel!r}: expected 'blocked' or 'ragged_dot'")
     y_NKE = _take_rows(y_ME, lay.dest_P, lay.src_M, 1).reshape(N, K, -1)
@@ -191,8 +192,7 @@ class _Layout(NamedTuple):
     dest_P: jax.Array  # buffer row of each pair; M (out of range) for pairs of experts held elsewhere
     src_M: jax.Array  # pair of each buffer row; P (out of range) for padding rows
     sizes_X: jax.Array  # pairs per expert
-    block_expert: jax.Array  # expert of each block of the buffer (blocks past `used_blocks` are empty)
-    used_blocks: jax.Array
+    blocks_X: jax.Array  # blocks per expert: expert x's rows are the next blocks_X[x] blocks after expert x-1's
 
 
 def _layout(expert_P, num_experts: int, block: int, capacity: int) -> _Layout:
@@ -210,8 +210,7 @@ def _layout(expert_P, num_experts: int, block: int, capacity: int) -> _Layout:
     M = n_blocks * block
     dest_P = jnp.where(placed, (end_X - padded_X)[jnp.minimum(key_P, X - 1)] + rank_P, M).astype(jnp.int32)
     src_M = jnp.full((M,), n_pairs, jnp.int32).at[dest_P].set(jnp.arange(n_pairs, dtype=jnp.int32), mode="drop")
-    block_expert = jnp.minimum(jnp.searchsorted(end_X, jnp.arange(n_blocks) * block, side="right"), X - 1)
-    return _Layout(dest_P, src_M, sizes[:X], block_expert.astype(jnp.int32), end_X[-1] // block)
+    return _Layout(dest_P, src_M, sizes[:X], (padded_X // block).astype(jnp.int32))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -258,48 +257,70 @@ def _put_rows(a, j, block, value):
     return jax.lax.dynamic_update_slice_in_dim(a, value.astype(a.dtype), j * block, 0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _blocked_mlp(x_ME, gate_XEF, up_XEF, down_XFE, block_expert, used_blocks, block: int):
-    return _blocked_mlp_fwd(x_ME, gate_XEF, up_XEF, down_XFE, block_expert, used_blocks, block)[0]
+def _each_expert(blocks_X, body, carry):
+    """carry = body(e, first_block, end_block, carry) for every expert e in turn, over its blocks of the buffer."""
+    first_X = jnp.cumsum(blocks_X) - blocks_X
+    return jax.lax.fori_loop(0, blocks_X.shape[0],
+                             lambda e, c: body(e, first_X[e], first_X[e] + blocks_X[e], c), carry)
 
 
-def _blocked_mlp_fwd(x_ME, gate_XEF, up_XEF, down_XFE, block_expert, used_blocks, block):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _blocked_mlp(x_ME, gate_XEF, up_XEF, down_XFE, blocks_X, block: int):
+    return _blocked_mlp_fwd(x_ME, gate_XEF, up_XEF, down_XFE, blocks_X, block)[0]
+
+
+# Both passes loop over the experts, and over each expert's blocks inside: an expert's weights are sliced out of
+# the stacks (a copy, on CPU) once for all its blocks rather than once per block.
+
+
+def _blocked_mlp_fwd(x_ME, gate_XEF, up_XEF, down_XFE, blocks_X, block):
     M, E = x_ME.shape
     F = gate_XEF.shape[-1]
 
-    def body(j, carry):
-        y_ME, a_MF, c_MF = carry
-        x, e = _rows(x_ME, j, block), block_expert[j]
-        a, c = x @ gate_XEF[e], x @ up_XEF[e]
-        y = (jax.nn.silu(a) * c) @ down_XFE[e]
-        return _put_rows(y_ME, j, block, y), _put_rows(a_MF, j, block, a), _put_rows(c_MF, j, block, c)
+    def expert(e, first, end, carry):
+        gate_EF, up_EF, down_FE = gate_XEF[e], up_XEF[e], down_XFE[e]
+
+        def body(j, carry):
+            y_ME, a_MF, c_MF = carry
+            x = _rows(x_ME, j, block)
+            a, c = x @ gate_EF, x @ up_EF
+            y = (jax.nn.silu(a) * c) @ down_FE
+            return _put_rows(y_ME, j, block, y), _put_rows(a_MF, j, block, a), _put_rows(c_MF, j, block, c)
+        return jax.lax.fori_loop(first, end, body, carry)
 
     init = (jnp.zeros_like(x_ME), *(jnp.zeros_like(x_ME, shape=(M, F)) for _ in range(2)))
-    y_ME, a_MF, c_MF = jax.lax.fori_loop(0, used_blocks, body, init)
-    return y_ME, (x_ME, gate_XEF, up_XEF, down_XFE, block_expert, used_blocks, a_MF, c_MF)
+    y_ME, a_MF, c_MF = _each_expert(blocks_X, expert, init)
+    return y_ME, (x_ME, gate_XEF, up_XEF, down_XFE, blocks_X, a_MF, c_MF)
 
 
 def _blocked_mlp_bwd(block, res, dy_ME):
-    x_ME, gate_XEF, up_XEF, down_XFE, block_expert, used_blocks, a_MF, c_MF = res
+    x_ME, gate_XEF, up_XEF, down_XFE, blocks_X, a_MF, c_MF = res
 
-    def body(j, carry):
+    def expert(e, first, end, carry):
         dx_ME, dgate, dup, ddown = carry
-        x, a, c, dy, e = (*(_rows(t, j, block) for t in (x_ME, a_MF, c_MF, dy_ME)), block_expert[j])
-        sig = jax.nn.sigmoid(a)
-        silu = a * sig
-        dh = dy @ down_XFE[e].T
-        dc = dh * silu
-        da = dh * c * sig * (1 + a * (1 - sig))
-        dx = da @ gate_XEF[e].T + dc @ up_XEF[e].T
-        # Weight gradients accumulate over many blocks: keep them in float32 whatever the compute dtype.
-        acc = lambda g, l, r: g.at[e].add(jnp.dot(l.T, r, preferred_element_type=F32))  # noqa: E731
-        return _put_rows(dx_ME, j, block, dx), acc(dgate, x, da), acc(dup, x, dc), acc(ddown, silu * c, dy)
+        gate_EF, up_EF, down_FE = gate_XEF[e], up_XEF[e], down_XFE[e]
 
-    # zeros_like keeps the operands' varying mesh axes (inside shard_map a loop carry's type may not change).
+        def body(j, carry):
+            dx_ME, dgate_EF, dup_EF, ddown_FE = carry
+            x, a, c, dy = (_rows(t, j, block) for t in (x_ME, a_MF, c_MF, dy_ME))
+            sig = jax.nn.sigmoid(a)
+            silu = a * sig
+            dh = dy @ down_FE.T
+            dc = dh * silu
+            da = dh * c * sig * (1 + a * (1 - sig))
+            dx = da @ gate_EF.T + dc @ up_EF.T
+            # Weight gradients accumulate over many blocks: keep them in float32 whatever the compute dtype.
+            acc = lambda g, l, r: g + jnp.dot(l.T, r, preferred_element_type=F32)  # noqa: E731
+            return _put_rows(dx_ME, j, block, dx), acc(dgate_EF, x, da), acc(dup_EF, x, dc), acc(ddown_FE, silu * c, dy)
+
+        # zeros_like keeps the operands' varying mesh axes (inside shard_map a loop carry's type may not change).
+        zeros = tuple(jnp.zeros_like(w, dtype=F32) for w in (gate_EF, up_EF, down_FE))
+        dx_ME, *grads = jax.lax.fori_loop(first, end, body, (dx_ME, *zeros))
+        return dx_ME, *(g.at[e].set(d) for g, d in zip((dgate, dup, ddown), grads))
+
     init = (jnp.zeros_like(x_ME), *(jnp.zeros_like(w, dtype=F32) for w in (gate_XEF, up_XEF, down_XFE)))
-    dx_ME, dgate, dup, ddown = jax.lax.fori_loop(0, used_blocks, body, init)
-    return (dx_ME, dgate.astype(gate_XEF.dtype), dup.astype(up_XEF.dtype), ddown.astype(down_XFE.dtype),
-            None, None)
+    dx_ME, dgate, dup, ddown = _each_expert(blocks_X, expert, init)
+    return dx_ME, dgate.astype(gate_XEF.dtype), dup.astype(up_XEF.dtype), ddown.astype(down_XFE.dtype), None
 
 
 _blocked_mlp.defvjp(_blocked_mlp_fwd, _blocked_mlp_bwd)
