@@ -41,6 +41,35 @@ def matmul_peak(dtype) -> float:
     return 2 * 2048 ** 3 / best_time(lambda: f(a, a).block_until_ready(), 10)
 
 
+def stream_bandwidth(dtype, batch: int) -> float:
+    """Bytes/s at which XLA streams a 256 MiB weight (beyond any cache) through a [batch, 512] x [512, N] matmul:
+    the rate at which a decode step, which reads every weight once, can read them."""
+    w = jnp.ones((512, (256 << 20) // (512 * jnp.dtype(dtype).itemsize)), dtype)
+    x = jnp.ones((batch, 512), dtype)
+    f = jax.jit(lambda x, w: x @ w)
+    return w.nbytes / best_time(lambda: f(x, w).block_until_ready(), 10)
+
+
+def decode_ceiling(cfg: Qwen3Config, batch: int, prompt: int, new: int, bandwidth: float, prefill: float) -> float:
+    """Generated tokens/s if, after a prefill of `prefill` seconds (measured: the prompt and the first token), each
+    decode step did nothing but read, at `bandwidth`, the weights it uses and the KV cache (at its mean length):
+    attention math, norms and sampling free. No implementation on this backend passes it. The tied embedding is
+    read once, as the LM head; an MoE step reads the experts that at least one of the `batch` tokens chose, in
+    expectation under uniform routing."""
+    n = jnp.dtype(cfg.dtype).itemsize
+    E, L, X = cfg.hidden_size, cfg.num_layers, cfg.num_experts
+    attn = E * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    if X:
+        used = X * (1 - (1 - cfg.num_experts_per_tok / X) ** batch)
+        mlp = used * 3 * E * cfg.moe_intermediate_size + E * X
+    else:
+        mlp = 3 * E * cfg.intermediate_size
+    head = E * cfg.vocab_size  # tied or not, one [E, V] matrix is read whole; embedding rows are only gathered
+    kv = 2 * L * batch * cfg.num_kv_heads * cfg.head_dim * (prompt + new / 2)
+    step = n * (L * (attn + mlp) + head + kv) / bandwidth
+    return batch * new / (prefill + (new - 1) * step)
+
+
 def train_flops_per_token(cfg: Qwen3Config, seq: int) -> float:
     """6 x matmul params (attention, MLP, LM head) + attention scores and values over the full sequence."""
     E, H, K, D, F = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
@@ -163,8 +192,13 @@ def main():
         n = args.batch * args.new
         ours = n / jax_generate(cfg, prompts, args.new, args.repeats)
         ref = n / best_time(hf_generate(cfg, prompts, args.new), args.repeats) if use_hf else None
+        bandwidth = stream_bandwidth(cfg.dtype, args.batch)
+        print(f"weight streaming, [{args.batch}, 512] x [512, N] over 256 MiB: {bandwidth / 1e9:.1f} GB/s")
+        prefill = jax_generate(cfg, prompts, 1, args.repeats)
+        ceiling = decode_ceiling(cfg, args.batch, args.prompt, args.new, bandwidth, prefill)
         rows.append((f"generate ({args.prompt}+{args.new}, greedy) tok/s", ours, ref,
-                     f"{1e3 * args.batch / ours:.1f} ms/token step, prefill included"))
+                     f"{1e3 * args.batch / ours:.1f} ms/token step, prefill included; roofline {ceiling:.0f}, prefill "
+                     f"{1e3 * prefill:.0f} ms"))
     print(f"\n| {'metric':<36} | {'zenjax':>9} | {'transformers':>12} | {'ratio':>6} | note")
     print(f"|{'-' * 38}|{'-' * 11}|{'-' * 14}|{'-' * 8}|------")
     for name, ours, ref, note in rows:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bench.bench_model import hf_generate, hf_model
+from bench.bench_model import decode_ceiling, hf_generate, hf_model, stream_bandwidth
 from zenjax import hostmem
 from zenjax.models import Qwen3, Qwen3Config, moe, sequence_logprobs
 
@@ -134,6 +134,12 @@ def main():
     for label, a, b, target in checks:
         if a in rows and b in rows:
             print(f"{label}: {rows[a] / rows[b]:.2f}{'  (target ' + target + ')' if target else ''}")
+    if "generate MoE ragged" in rows:
+        bandwidth = stream_bandwidth(MOE.dtype, args.batch)
+        prefill = interleaved_best({"prefill": jax_generate(MOE, prompts, 1)}, args.repeats)["prefill"]
+        ceiling = decode_ceiling(MOE, args.batch, args.prompt, args.new, bandwidth, prefill)
+        print(f"generation roofline (prefill {1e3 * prefill:.0f} ms, then only weights and KV cache read at "
+              f"{bandwidth / 1e9:.1f} GB/s): {ceiling:.0f} tok/s")
 
 
 if __name__ == "__main__":
