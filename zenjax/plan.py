@@ -139,9 +139,10 @@ def logprob_forward_bytes(cfg: Qwen3Config, rows: int, seq_len: int, *, tensor: 
                           chunk: int = 512) -> float:
     """Old log-probs: a forward over the whole rollout batch, one layer (or the head chunk) live at a time."""
     tokens = rows * seq_len
-    live = [scores + other / 2 for scores, other in (_layer_bytes(cfg, moe, seq_len, tensor, expert)
-                                                     for moe, _ in cfg.segments())]
-    one = tokens * max(live)
+    # The float32 attention scores (the softmax is applied in their buffer) and about half of what a layer would
+    # keep for backward.
+    scores = 4 * cfg.num_heads * seq_len / tensor
+    one = tokens * max(scores + _layer_bytes(cfg, moe, seq_len, tensor, expert)[1] / 2 for moe, _ in cfg.segments())
     hidden = 2 * tokens * cfg.hidden_size * jnp.dtype(cfg.dtype).itemsize
     return max(one, _head_chunk_bytes(cfg, rows, seq_len, chunk, tensor, copies=1)) + hidden
 
