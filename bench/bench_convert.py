@@ -77,11 +77,16 @@ def drop_caches() -> bool:
         return False
 
 
+def safetensors_files(directory: str) -> tuple[list[str], int]:
+    """The checkpoint's safetensors files and their total size in bytes."""
+    files = [os.path.join(directory, f) for f in sorted(os.listdir(directory)) if f.endswith(".safetensors")]
+    return files, sum(os.path.getsize(f) for f in files)
+
+
 def dd_read_speed(directory: str, runs: int = 3) -> float:
     """MB/s of dd reading every safetensors file with O_DIRECT (no page cache): the median of `runs` reads, as
     this (virtual) disk's speed swings between runs."""
-    files = [os.path.join(directory, f) for f in sorted(os.listdir(directory)) if f.endswith(".safetensors")]
-    total = sum(os.path.getsize(f) for f in files)
+    files, total = safetensors_files(directory)
     speeds = []
     for _ in range(runs):
         t = time.perf_counter()
@@ -95,8 +100,7 @@ def dd_read_speed(directory: str, runs: int = 3) -> float:
 def copy_speed(directory: str, scratch: str) -> float:
     """MB/s of dd copying every safetensors file, cold, through the page cache and fsynced: what a conversion
     that writes as many bytes as it reads, durably, could reach without any work between read and write."""
-    files = [os.path.join(directory, f) for f in sorted(os.listdir(directory)) if f.endswith(".safetensors")]
-    total = sum(os.path.getsize(f) for f in files)
+    files, total = safetensors_files(directory)
     os.makedirs(scratch)
     drop_caches()
     t = time.perf_counter()

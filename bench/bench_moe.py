@@ -4,8 +4,9 @@ active parameters, and transformers' Qwen3MoeForCausalLM (torch, same threads).
     python -m bench.bench_moe                   # float32 on the default JAX backend; transformers on CPU only
     python -m bench.bench_moe --only train --repeats 2
 
-A training step is forward + backward of the mean next-token cross-entropy over full logits (+ the load-balance
-loss for MoE, as transformers adds it), no optimizer. Generation is greedy, every sequence runs the full budget.
+A training step is forward + backward of the mean next-token cross-entropy, scored as the trainer scores it
+(`sequence_logprobs`, no [B, T, V] float32 logits), plus the load-balance loss for MoE as transformers adds it;
+no optimizer. Generation is greedy, every sequence runs the full budget.
 Runs of a phase are interleaved and the best of `--repeats` is kept, so load from other processes hits every row
 alike.
 """
@@ -17,7 +18,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
