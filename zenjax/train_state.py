@@ -162,7 +162,7 @@ def make_sft_step(state: State, tx):
 
     def step(params, opt_state, tokens_NT, mask_NT, target_mask_NT):
         def objective(params):
-            (logp, _), _ = sequence_logprobs(nnx.merge(graphdef, params), tokens_NT, mask_NT, with_entropy=True)
+            logp, _ = sequence_logprobs(nnx.merge(graphdef, params), tokens_NT, mask_NT)
             return -jnp.sum(logp * target_mask_NT) / jnp.maximum(jnp.sum(target_mask_NT), 1)
 
         loss, grads = jax.value_and_grad(objective)(params)
