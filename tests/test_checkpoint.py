@@ -1,4 +1,5 @@
 import gc
+import inspect
 import logging
 import os
 import shutil
@@ -110,13 +111,13 @@ def test_async_save_owns_its_copy_once_save_returns(tmp_path):
     for x in jax.tree.leaves((params, opt_state)):
         x.delete()  # as a donating train step would
     ck.close()
-    step, params, opt_state, _ = _restore(tmp_path)
+    _, params, opt_state, _ = _restore(tmp_path)
     _assert_identical((params, opt_state), want)
 
 
 def test_params_only_restore_and_optimizer_state_without_arrays(tmp_path):
     _saved(tmp_path / "adamw", [1])
-    params, opt_state, meta = _state(1)
+    params, _, meta = _state(1)
     ck = Checkpointer(tmp_path / "adamw")
     step, got, no_opt_state, _ = ck.restore(_abstract(params), None)
     ck.close()
@@ -135,7 +136,7 @@ def test_params_only_restore_and_optimizer_state_without_arrays(tmp_path):
 
 def test_empty_workdir_restores_none_and_bad_arguments_are_named(tmp_path):
     assert _restore(tmp_path) is None
-    params, opt_state, meta = _state(1)
+    params, opt_state, _ = _state(1)
     ck = Checkpointer(tmp_path, save_every=1)
     with pytest.raises(TypeError, match="meta must be JSON-serialisable"):
         ck.save(1, params, opt_state, {"rng": jax.random.key(0)})
@@ -227,17 +228,13 @@ def test_nothing_restorable_is_an_error_naming_every_step(tmp_path, abandoned_re
     assert sorted(p.name for p in ckpt_dir.iterdir() if p.name[0].isdigit()) == ["1", "2"]
 
 
-CHILD_STATE = """
-import numpy as np
-
 def child_state(step):  # a function of the step, so any restored step can be checked
     rng = np.random.default_rng(step)
     params = {"w": rng.standard_normal((256, 1024), np.float32), "b": np.full((1024,), step, np.int32)}
     return params, {"m": params["w"] * 2, "count": np.int32(step)}
-"""
-exec(CHILD_STATE)
 
-CHILD = CHILD_STATE + """
+
+CHILD = "import numpy as np\n" + inspect.getsource(child_state) + """
 import itertools, sys, time
 import jax
 from zenjax.checkpoint import Checkpointer, install_signal_handlers
@@ -397,6 +394,6 @@ def test_two_processes_stop_together_and_checkpoint_collectively(tmp_path):
     ck = Checkpointer(tmp_path / "work")
     full = np.random.default_rng(3).standard_normal((8, 64), np.float32)
     abstract = {"w": jax.ShapeDtypeStruct((8, 64), np.float32, sharding=ONE)}
-    step, params, opt_state, meta = ck.restore(abstract, {"m": abstract["w"]})
+    step, params, opt_state, _ = ck.restore(abstract, {"m": abstract["w"]})
     ck.close()
     assert step == 3 and np.array_equal(params["w"], full) and np.array_equal(opt_state["m"], full * 2)

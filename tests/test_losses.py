@@ -10,6 +10,8 @@ Conventions used in the derivations below:
 The clip binds (takes the gradient away) when ratio < 1-el with A < 0, or ratio > 1+eh with A > 0.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -277,7 +279,7 @@ def test_group_advantages_constant_group_is_exactly_zero():
     # 0.1 is not representable; mean(0.1, 0.1, 0.1) need not round back to 0.1, yet the answer must be 0.
     r = jnp.array([0.1, 0.1, 0.1, 0.7, 0.7, 0.7, 1.0, 0.0, 0.0], jnp.float32)
     for scale in (True, False):
-        adv = np.asarray(jax.jit(lambda x: group_advantages(x, 3, scale_std=scale))(r))
+        adv = np.asarray(jax.jit(functools.partial(group_advantages, group_size=3, scale_std=scale))(r))
         assert np.all(adv[:6] == 0.0)
         assert np.all(adv[6:] != 0.0)
     with pytest.raises(ValueError):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from zenjax.rl import rewards, sandbox
+from zenjax.rl import rewards
 from zenjax.rl.rewards import REWARDS, score
 
 # (completion, reference answer, expected reward); each expectation decided by reading the pair.
@@ -58,7 +58,7 @@ MATH_CASES = [
 
 @pytest.mark.parametrize("completion,reference,expected", MATH_CASES)
 def test_math_table(completion, reference, expected):
-    r, info = score([completion], [{"id": "q", "answer": reference}], {"math": 1.0})
+    r, _ = score([completion], [{"id": "q", "answer": reference}], {"math": 1.0})
     assert r.dtype == np.float32 and r.shape == (1,)
     assert r[0] == expected, (completion, reference, rewards.extract_answer(completion))
 

@@ -40,7 +40,7 @@ def _step(cfg, mesh_sizes, completion_len=None):
         state = init_state(cfg, tx, mesh, seed=0)
         _, update = make_functions(state, cfg, tx, hyper, mesh, schedule)
         batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in _batch().items()}
-        params, opt_state, metrics = update(state.params, state.opt_state, batch, 3, None)
+        params, _, metrics = update(state.params, state.opt_state, batch, 3, None)
         return params, jax.device_get(metrics)
 
 

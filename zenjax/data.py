@@ -15,7 +15,8 @@ import glob
 import json
 import logging
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import grain
 import ml_collections

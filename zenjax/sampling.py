@@ -10,7 +10,8 @@ in float32: what GSPO/GRPO need as the old-policy log-probs, whatever sampling s
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -6,7 +6,8 @@ is a change of mesh sizes or of `RULES`, never of model code.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np

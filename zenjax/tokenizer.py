@@ -5,10 +5,10 @@ from __future__ import annotations
 import abc
 import json
 import os
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 Message = dict  # {"role": str, "content": str}
-Prompt = Union[str, Sequence[Message]]
+Prompt = str | Sequence[Message]
 
 
 class Tokenizer(abc.ABC):

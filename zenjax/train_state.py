@@ -6,7 +6,8 @@ directories hold); each jitted function rebuilds the module with `nnx.merge(grap
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +69,7 @@ def abstract_state(cfg: Qwen3Config, tx, mesh: Mesh, seed: int = 0):
 
 def init_state(cfg: Qwen3Config, tx, mesh: Mesh, seed: int = 0, params: Params | None = None) -> State:
     """Params and optimizer state created directly in their shardings (never whole on one device)."""
-    graphdef, abs_params, _, param_sh, opt_sh = abstract_state(cfg, tx, mesh, seed)
+    graphdef, _, _, param_sh, opt_sh = abstract_state(cfg, tx, mesh, seed)
     if params is None:
         params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(Qwen3(cfg, rngs=nnx.Rngs(seed)))),
                          out_shardings=param_sh)()

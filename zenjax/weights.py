@@ -19,7 +19,8 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import jax
 import numpy as np

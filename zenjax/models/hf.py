@@ -12,7 +12,7 @@ import glob
 import json
 import os
 import struct
-from typing import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import jax.numpy as jnp
 import numpy as np

@@ -222,11 +222,10 @@ def _take_rows(x_RE, rows_S, inverse_R, fan: int):
 
 
 def _take_rows_fwd(x_RE, rows_S, inverse_R, fan):
-    return _take_rows(x_RE, rows_S, inverse_R, fan), (rows_S, inverse_R)
+    return _take_rows(x_RE, rows_S, inverse_R, fan), inverse_R
 
 
-def _take_rows_bwd(fan, res, g_SE):
-    rows_S, inverse_R = res
+def _take_rows_bwd(fan, inverse_R, g_SE):
     g_RE = g_SE.at[inverse_R].get(mode="fill", fill_value=0)
     return g_RE.reshape(-1, fan, g_RE.shape[-1]).sum(1), None, None
 
@@ -274,8 +273,7 @@ def _blocked_mlp(x_ME, gate_XEF, up_XEF, down_XFE, blocks_X, block: int):
 
 
 def _blocked_mlp_fwd(x_ME, gate_XEF, up_XEF, down_XFE, blocks_X, block):
-    M, E = x_ME.shape
-    F = gate_XEF.shape[-1]
+    M, F = x_ME.shape[0], gate_XEF.shape[-1]
 
     def expert(e, first, end, carry):
         gate_EF, up_EF, down_FE = gate_XEF[e], up_XEF[e], down_XFE[e]

@@ -30,7 +30,8 @@ unit: sequences for gspo/gspo_token, tokens for grpo.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -11,7 +11,7 @@ import collections
 import math
 import re
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
