@@ -151,12 +151,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             batch = _put(batch, mesh)
             old_logp, entropy, routing = logprobs_fn(state.params, batch["tokens"], batch["mask"])
             comp = batch["completion_mask"]
-            metrics["entropy"] = float(jnp.sum(entropy * comp) / jnp.maximum(jnp.sum(comp), 1))
+            entropy = jnp.sum(entropy * comp) / jnp.maximum(jnp.sum(comp), 1)  # read back with the update metrics
             batch["old_logp"] = _put(sampler_logp, mesh) if rl.old_logprobs == "sampler" else old_logp
             if routing:
                 batch["old_topk"] = routing["topk"]
             if ref_params is not None:
-                batch["ref_logp"] = logprobs_fn(ref_params, batch["tokens"], batch["mask"])[0]
+                batch["ref_logp"] = logprobs_fn(ref_params, batch["tokens"], batch["mask"], with_entropy=False)[0]
             jax.block_until_ready(batch)
             t2 = time.perf_counter()
             mb_metrics = []
@@ -172,6 +172,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             for k in mb_metrics[0]:
                 metrics[k] = float(np.mean([m[k] for m in mb_metrics]))
             metrics["skipped_updates"] = sum(m["finite"] == 0 for m in mb_metrics)
+            metrics["entropy"] = float(entropy)
             n_tok = int(jnp.sum(batch["mask"]))
             metrics.update(time_logprobs=t2 - t1, time_updates=t3 - t2, time_step=t3 - t0,
                            tok_per_s=float(n_tok * (rl.minibatches + 1) / max(t3 - t1, 1e-9)),

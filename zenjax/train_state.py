@@ -6,6 +6,7 @@ directories hold); each jitted function rebuilds the module with `nnx.merge(grap
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -103,7 +104,8 @@ def _moe_terms(model: Qwen3, aux, global_counts=None):
 
 
 def make_functions(state: State, cfg: Qwen3Config, tx, hyper: RLHyper, mesh: Mesh, schedule: Callable):
-    """Jitted `logprobs(params, tokens, mask)` -> (log-probs, entropies, MoE routing: {} for dense) and
+    """Jitted `logprobs(params, tokens, mask, with_entropy=True)` -> (log-probs, entropies or None, MoE
+    routing: {} for dense) and
     `update(params, opt_state, minibatch, step, global_counts)` (the routing's "counts", or None), with shardings
     from the rules."""
     graphdef = state.graphdef
@@ -115,13 +117,14 @@ def make_functions(state: State, cfg: Qwen3Config, tx, hyper: RLHyper, mesh: Mes
                                      last=hyper.completion_len)
         return model, res, aux
 
-    @jax.jit
-    def logprobs(params, tokens_NT, mask_NT):
+    @functools.partial(jax.jit, static_argnames="with_entropy")
+    def logprobs(params, tokens_NT, mask_NT, with_entropy=True):
         """Per-token log-probs and entropies, and for MoE the routing of the whole batch: every token's top-k
         experts ([N, L, T, k], rows first so minibatches slice them; uint8 saves memory) and the per-layer expert
         counts that global-batch balancing (`balance_global_batch`) pools over all minibatches of the step.
         The policy's entropy is logged from here, once per step, rather than from every update's forward."""
-        _, (logp, ent), aux = forward(params, tokens_NT, mask_NT, with_entropy=True)
+        _, res, aux = forward(params, tokens_NT, mask_NT, with_entropy=with_entropy)
+        logp, ent = res if with_entropy else (res, None)
         if not aux:
             return logp, ent, {}
         topk = jnp.moveaxis(aux["topk"], 0, 1).astype(jnp.uint8 if cfg.num_experts <= 256 else jnp.int32)
