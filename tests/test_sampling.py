@@ -8,7 +8,7 @@ from flax import nnx
 
 from tests.hf_util import dense_config, save_random
 from zenjax.models.hf import load_hf
-from zenjax.sampling import _generate, _nucleus, sample
+from zenjax.sampling import _categorical, _first_above, _generate, _nucleus, sample
 from zenjax.sharding import make_mesh, named
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [1, 2, 3, 4, 5], [60, 61, 62, 63]]
@@ -161,6 +161,27 @@ def test_sampling_follows_the_truncated_model_distribution(models, T, top_k, top
     assert stat < bound, (stat, bound)
     if not top_k and top_p == 1:
         assert chi2(1.0)[0] > 3 * bound and chi2(0.45)[0] > 3 * bound
+
+
+def test_categorical_draws_follow_softmax_across_chunks():
+    V, n = 1000, 20000  # four chunks of 256 ids, the last one padded
+    logits = 1.5 * np.asarray(jax.random.normal(jax.random.key(5), (V,)))
+    logits[::3] = -np.inf
+    logits[256:512] = -np.inf  # a whole chunk without mass
+    tokens = np.asarray(_categorical(jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, V)), jax.random.key(6)))
+    counts = np.bincount(tokens, minlength=V)
+    assert counts[np.isinf(logits)].sum() == 0
+    expected = n * np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    big = expected >= 5
+    obs, exp = np.append(counts[big], counts[~big].sum()), np.append(expected[big], expected[~big].sum())
+    df = len(exp) - 1
+    assert ((obs - exp) ** 2 / exp).sum() < df + 6 * np.sqrt(2 * df)
+    for only in (0, 255, 256, 767, V - 1):  # a single allowed id, at either end of a chunk
+        x = np.full((4, V), -np.inf, np.float32)
+        x[:, only] = 3.0
+        np.testing.assert_array_equal(np.asarray(_categorical(jnp.asarray(x), jax.random.key(only))), only)
+    # u rounded up to the total: the last id with mass, not one past the end or a zero-mass id after it
+    assert int(_first_above(jnp.array([[0.0, 0.5, 1.0, 1.0]]), jnp.array([1.0]))[0]) == 2
 
 
 def test_sharded_params_under_a_mesh_give_the_same_tokens(models, greedy):

@@ -53,10 +53,21 @@ class MoEBlock(nnx.Module):
         w_BTK, idx_BTK = jax.lax.top_k(probs_BTX, cfg.num_experts_per_tok)
         if cfg.norm_topk_prob:
             w_BTK = w_BTK / jnp.sum(w_BTK, axis=-1, keepdims=True)
-        weights = tuple(p[...].astype(dt) for p in (self.gate, self.up, self.down))
+        weights = tuple(_cast(p.get_value(), dt) for p in (self.gate, self.up, self.down))
         experts = _reference if cfg.moe_impl == "reference" else _sharded_experts
         y_BTE = experts(x_BTE.astype(dt), idx_BTK, w_BTK, *weights)
         return y_BTE, _router_aux(logits_BTX, probs_BTX, idx_BTK, mask_BT)
+
+    def split_experts(self):
+        """Hold each expert's weights as an array of its own, for decoding on one CPU device (see
+        `Qwen3.unstack_layers`): the experts then run from their weights in place, where taking one out of the
+        stack would copy it at every step. Forward only."""
+        for p in (self.gate, self.up, self.down):
+            p.set_value(tuple(jnp.unstack(p.get_value())))
+
+
+def _cast(w, dtype):
+    return tuple(a.astype(dtype) for a in w) if isinstance(w, tuple) else w.astype(dtype)
 
 
 def _router_aux(logits_BTX, probs_BTX, idx_BTK, mask_BT):
@@ -160,9 +171,10 @@ def _local_experts(x_NE, idx_NK, w_NK, gate_XEF, up_XEF, down_XFE, first, kernel
     """sum_k w_nk * expert_{idx_nk}(x_n) over the pairs whose expert is one of the X held here
     ([first, first + X)); other pairs contribute zero."""
     N, K = idx_NK.shape
-    X = gate_XEF.shape[0]
+    split = isinstance(gate_XEF, tuple)  # one array per expert (MoEBlock.split_experts)
+    X = len(gate_XEF) if split else gate_XEF.shape[0]
     kernel = kernel or ("blocked" if jax.default_backend() == "cpu" else "ragged_dot")
-    if kernel == "blocked" and N <= MIN_BLOCK:
+    if kernel == "blocked" and N <= MIN_BLOCK and not split:
         # Decoding a few tokens: the blocked kernel would pad each used expert to a block of MIN_BLOCK rows
         # anyway, so running every expert held here on all N rows costs no more matmul rows, reads each expert's
         # weights once in place (no per-block copies) and skips the sort.
@@ -176,7 +188,9 @@ def _local_experts(x_NE, idx_NK, w_NK, gate_XEF, up_XEF, down_XFE, first, kernel
     block = 1 if kernel == "ragged_dot" else max(MIN_BLOCK, min(256, quarter_to_half_mean))
     lay = _layout(idx_NK.reshape(-1) - first, X, block, capacity)
     x_ME = _take_rows(x_NE, lay.src_M, lay.dest_P, K)
-    if kernel == "ragged_dot":
+    if split:  # reads only the used experts' weights, in place
+        y_ME = _expert_by_expert(x_ME, gate_XEF, up_XEF, down_XFE, lay.blocks_X, block)
+    elif kernel == "ragged_dot":
         sizes = lay.sizes_X.astype(jnp.int32)
         h_MF = jax.nn.silu(jax.lax.ragged_dot(x_ME, gate_XEF, sizes)) * jax.lax.ragged_dot(x_ME, up_XEF, sizes)
         y_ME = jax.lax.ragged_dot(h_MF, down_XFE, sizes)
@@ -322,6 +336,20 @@ def _blocked_mlp_bwd(block, res, dy_ME):
 
 
 _blocked_mlp.defvjp(_blocked_mlp_fwd, _blocked_mlp_bwd)
+
+
+def _expert_by_expert(x_ME, gates, ups, downs, blocks_X, block):
+    """The blocked forward over experts held one array each (`MoEBlock.split_experts`): a loop per expert,
+    unrolled, whose matmuls read that expert's weights in place."""
+    first_X = jnp.cumsum(blocks_X) - blocks_X
+    y_ME = jnp.zeros_like(x_ME)
+    for e, weights in enumerate(zip(gates, ups, downs)):
+        def body(j, y_ME, weights=weights):
+            gate_EF, up_EF, down_FE = weights
+            x = _rows(x_ME, j, block)
+            return _put_rows(y_ME, j, block, (jax.nn.silu(x @ gate_EF) * (x @ up_EF)) @ down_FE)
+        y_ME = jax.lax.fori_loop(first_X[e], first_X[e] + blocks_X[e], body, y_ME)
+    return y_ME
 
 
 # ---------------------------------------------------------------------------------------------------------------
