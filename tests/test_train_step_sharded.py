@@ -94,3 +94,24 @@ def test_global_batch_balancing_pools_the_step_counts_across_minibatches():
         _, _, metrics = update(state.params, state.opt_state, half, 0, routing["counts"])
     np.testing.assert_allclose(metrics["aux_loss"], want, rtol=1e-5)
     assert not np.isclose(want, own, rtol=1e-3), "the half batch's own counts would give the same loss"
+
+
+def test_a_non_finite_loss_skips_the_update():
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    optim = base.get_config().optim
+    optim.warmup_steps = 0
+    tx, schedule = make_optimizer(optim, 10)
+    with jax.set_mesh(mesh):
+        state = init_state(MOE, tx, mesh, seed=0)
+        _, update = make_functions(state, MOE, tx, RLHyper("gspo", 0.2, 0.28, 0.0, 4), mesh, schedule)
+        want = jax.device_get((state.params, state.opt_state))
+        batch = _batch()
+        batch["adv"][3] = np.nan
+        params, opt_state, metrics = update(state.params, state.opt_state, batch, 3, None)
+    assert metrics["finite"] == 0 and not np.isfinite(metrics["total_loss"])
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get((params, opt_state)), want)  # count included
+    batch["adv"][3] = 0.5
+    with jax.set_mesh(mesh):
+        params, opt_state, metrics = update(params, opt_state, batch, 3, None)
+    assert metrics["finite"] == 1 and int(opt_state.count) == 1
+    assert not np.array_equal(np.asarray(params["embed"]), want[0]["embed"])
