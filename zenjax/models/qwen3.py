@@ -408,7 +408,8 @@ class Qwen3(nnx.Module):
 
         XLA:CPU copies a scanned layer's weights out of its stack at every step, which doubles the memory traffic
         of decoding (bound by reading the weights). A decode loop that takes these copies, made once per
-        generation, reads each weight once per token, for one more copy of the layer weights while it runs."""
+        generation, reads each weight once per token, for one more copy of the layer weights while it runs. On one
+        device, MoE layers also hold each expert's weights apart (`MoEBlock.split_experts`), for the same reason."""
         mesh = jax.sharding.get_abstract_mesh()
         split_experts = mesh.empty or mesh.size == 1  # sharded experts stay stacked for their shard_map
         out = []
