@@ -85,6 +85,7 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
+    hostmem.keep_freed_memory()  # as the trainer does
     print(f"backend {jax.default_backend()}, dtype {args.dtype}; {P} prompts x G={G}, {PROMPT}+{NEW} tokens, "
           f"{MINIBATCHES} minibatch updates")
     print(f"{'config':6} {'phase':13} {'seconds':>8} {'share':>6} {'tokens/s':>9}")

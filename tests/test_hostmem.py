@@ -3,6 +3,8 @@ import platform
 import subprocess
 import sys
 
+import pytest
+
 from zenjax import hostmem
 
 GLIBC = ("glibc", "2.36")
@@ -36,3 +38,18 @@ def test_reexec_keeps_the_command_line_and_runs_once():
         thp_mode = ""
     expected = hostmem.tunables_with_huge_pages(None, thp_mode, platform.libc_ver())
     assert out == ["start"] * (1 + (expected is not None)) + [f"{expected} ['a', '--b=1']"]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc settings of glibc")
+def test_freed_temporaries_stay_in_the_process():
+    # A 64 MB intermediate: with the defaults glibc returns it to the kernel when the execution ends; kept, the
+    # process's resident memory still holds it.
+    script = ("import sys, jax, jax.numpy as jnp; from zenjax import hostmem\n"
+              "if sys.argv[1] == 'keep': hostmem.keep_freed_memory()\n"
+              "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 >> 20\n"
+              "x = jnp.ones((4096, 4096)); run = jax.jit(lambda x: ((x @ x) @ x).sum()).lower(x).compile()\n"
+              "before = rss(); run(x).block_until_ready(); print(rss() - before)")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    grew = {mode: int(subprocess.run([sys.executable, "-c", script, mode], env=env, capture_output=True, text=True,
+                                     check=True).stdout) for mode in ("keep", "default")}
+    assert grew["keep"] >= 60 and grew["default"] < 32, grew

@@ -23,9 +23,15 @@ def test_clipped_adamw_is_optax_clip_then_adamw():
         u_ref, s_ref = jax.jit(ref.update)(grads, s_ref, p_ref)
         p_ours, p_ref = optax.apply_updates(p_ours, u_ours), optax.apply_updates(p_ref, u_ref)
         for a, b in zip(jax.tree.leaves((u_ours, p_ours)), jax.tree.leaves((u_ref, p_ref))):
-            assert a.dtype == b.dtype
-            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5, atol=1e-7)
+            _assert_close(a, b, 1e-5)
     adam = s_ref[1][0]
     assert int(s_ours.count) == int(adam.count) == 4
     for a, b in zip(jax.tree.leaves((s_ours.mu, s_ours.nu)), jax.tree.leaves((adam.mu, adam.nu))):
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-6)
+        _assert_close(a, b, 2e-6)
+
+
+def _assert_close(a, b, rtol_f32):
+    assert a.dtype == b.dtype
+    # The clip rounds once where optax rounds twice: bfloat16 leaves end up to two ulps apart.
+    rtol = 2**-6 if a.dtype == jnp.bfloat16 else rtol_f32
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=rtol, atol=1e-7)

@@ -226,6 +226,7 @@ def _warm_up(state: State, config, tokenizer, mesh, writer) -> State:
 def main(argv):
     del argv
     distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    hostmem.keep_freed_memory()
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax reports every file at INFO
     train(FLAGS.config, FLAGS.workdir)
 

@@ -180,12 +180,13 @@ def _local_experts(x_NE, idx_NK, w_NK, gate_XEF, up_XEF, down_XFE, first, kernel
         # weights once in place (no per-block copies) and skips the sort.
         return _every_expert(x_NE, idx_NK, w_NK, gate_XEF, up_XEF, down_XFE, first)
     capacity = N * min(K, X)  # a token's K choices are distinct experts: at most min(K, X) of them land here
-    # The blocked kernel pads each expert's group to whole blocks. A block of a quarter to a half of the mean rows
-    # per expert pads by a quarter at most, on average; smaller blocks cost more in per-block overhead than they
-    # save (one layer of a GSPO minibatch, 320 rows per expert, forward and backward: 97 / 79 / 83 ms with blocks
-    # of 256 / 128 / 64). At most 256 rows: larger blocks measured no faster on CPU.
-    quarter_to_half_mean = 1 << max(0, (capacity // X).bit_length() - 2)
-    block = 1 if kernel == "ragged_dot" else max(MIN_BLOCK, min(256, quarter_to_half_mean))
+    # The blocked kernel pads each expert's group to whole blocks and runs them two at a time, then the odd one. A
+    # block of an eighth to a quarter of the mean rows per expert pads by an eighth at most, on average, while
+    # most matmuls run on the double block, a quarter to a half of the mean: smaller matmuls cost more in
+    # per-block overhead than they save (one layer of a GSPO minibatch, 320 rows per expert, forward and
+    # backward: 97 / 79 / 83 ms with single blocks of 256 / 128 / 64). At most 128 rows: larger measured no faster.
+    eighth_to_quarter_mean = 1 << max(0, (capacity // X).bit_length() - 3)
+    block = 1 if kernel == "ragged_dot" else max(MIN_BLOCK, min(128, eighth_to_quarter_mean))
     lay = _layout(idx_NK.reshape(-1) - first, X, block, capacity)
     x_ME = _take_rows(x_NE, lay.src_M, lay.dest_P, K)
     if split:  # reads only the used experts' weights, in place
@@ -262,12 +263,20 @@ def _vary_together(*arrays):
     return tuple(a + zero.astype(a.dtype) for a in arrays)
 
 
-def _rows(a, j, block):
-    return jax.lax.dynamic_slice_in_dim(a, j * block, block)
+def _rows(a, start, rows: int):
+    return jax.lax.dynamic_slice_in_dim(a, start, rows)
 
 
-def _put_rows(a, j, block, value):
-    return jax.lax.dynamic_update_slice_in_dim(a, value.astype(a.dtype), j * block, 0)
+def _put_rows(a, start, value):
+    return jax.lax.dynamic_update_slice_in_dim(a, value.astype(a.dtype), start, 0)
+
+
+def _each_block(first, end, block: int, body, carry):
+    """carry = body(start_row, rows, carry) over blocks [first, end) of the buffer: two blocks at a time (rows =
+    2 * block), then the odd one (rows = block). `body` is traced once per static size."""
+    pairs = (end - first) // 2
+    carry = jax.lax.fori_loop(0, pairs, lambda i, c: body((first + 2 * i) * block, 2 * block, c), carry)
+    return jax.lax.fori_loop(first + 2 * pairs, end, lambda j, c: body(j * block, block, c), carry)
 
 
 def _each_expert(blocks_X, body, carry):
@@ -292,13 +301,13 @@ def _blocked_mlp_fwd(x_ME, gate_XEF, up_XEF, down_XFE, blocks_X, block):
     def expert(e, first, end, carry):
         gate_EF, up_EF, down_FE = gate_XEF[e], up_XEF[e], down_XFE[e]
 
-        def body(j, carry):
+        def body(start, rows, carry):
             y_ME, a_MF, c_MF = carry
-            x = _rows(x_ME, j, block)
+            x = _rows(x_ME, start, rows)
             a, c = x @ gate_EF, x @ up_EF
             y = (jax.nn.silu(a) * c) @ down_FE
-            return _put_rows(y_ME, j, block, y), _put_rows(a_MF, j, block, a), _put_rows(c_MF, j, block, c)
-        return jax.lax.fori_loop(first, end, body, carry)
+            return _put_rows(y_ME, start, y), _put_rows(a_MF, start, a), _put_rows(c_MF, start, c)
+        return _each_block(first, end, block, body, carry)
 
     init = (jnp.zeros_like(x_ME), *(jnp.zeros_like(x_ME, shape=(M, F)) for _ in range(2)))
     y_ME, a_MF, c_MF = _each_expert(blocks_X, expert, init)
@@ -312,9 +321,9 @@ def _blocked_mlp_bwd(block, res, dy_ME):
         dx_ME, dgate, dup, ddown = carry
         gate_EF, up_EF, down_FE = gate_XEF[e], up_XEF[e], down_XFE[e]
 
-        def body(j, carry):
+        def body(start, rows, carry):
             dx_ME, dgate_EF, dup_EF, ddown_FE = carry
-            x, a, c, dy = (_rows(t, j, block) for t in (x_ME, a_MF, c_MF, dy_ME))
+            x, a, c, dy = (_rows(t, start, rows) for t in (x_ME, a_MF, c_MF, dy_ME))
             sig = jax.nn.sigmoid(a)
             silu = a * sig
             dh = dy @ down_FE.T
@@ -323,11 +332,11 @@ def _blocked_mlp_bwd(block, res, dy_ME):
             dx = da @ gate_EF.T + dc @ up_EF.T
             # Weight gradients accumulate over many blocks: keep them in float32 whatever the compute dtype.
             acc = lambda g, l, r: g + jnp.dot(l.T, r, preferred_element_type=F32)  # noqa: E731
-            return _put_rows(dx_ME, j, block, dx), acc(dgate_EF, x, da), acc(dup_EF, x, dc), acc(ddown_FE, silu * c, dy)
+            return _put_rows(dx_ME, start, dx), acc(dgate_EF, x, da), acc(dup_EF, x, dc), acc(ddown_FE, silu * c, dy)
 
         # zeros_like keeps the operands' varying mesh axes (inside shard_map a loop carry's type may not change).
         zeros = tuple(jnp.zeros_like(w, dtype=F32) for w in (gate_EF, up_EF, down_FE))
-        dx_ME, *grads = jax.lax.fori_loop(first, end, body, (dx_ME, *zeros))
+        dx_ME, *grads = _each_block(first, end, block, body, (dx_ME, *zeros))
         return dx_ME, *(g.at[e].set(d) for g, d in zip((dgate, dup, ddown), grads))
 
     init = (jnp.zeros_like(x_ME), *(jnp.zeros_like(w, dtype=F32) for w in (gate_XEF, up_XEF, down_XFE)))
@@ -344,11 +353,11 @@ def _expert_by_expert(x_ME, gates, ups, downs, blocks_X, block):
     first_X = jnp.cumsum(blocks_X) - blocks_X
     y_ME = jnp.zeros_like(x_ME)
     for e, weights in enumerate(zip(gates, ups, downs)):
-        def body(j, y_ME, weights=weights):
+        def body(start, rows, y_ME, weights=weights):
             gate_EF, up_EF, down_FE = weights
-            x = _rows(x_ME, j, block)
-            return _put_rows(y_ME, j, block, (jax.nn.silu(x @ gate_EF) * (x @ up_EF)) @ down_FE)
-        y_ME = jax.lax.fori_loop(first_X[e], first_X[e] + blocks_X[e], body, y_ME)
+            x = _rows(x_ME, start, rows)
+            return _put_rows(y_ME, start, (jax.nn.silu(x @ gate_EF) * (x @ up_EF)) @ down_FE)
+        y_ME = _each_block(first_X[e], first_X[e] + blocks_X[e], block, body, y_ME)
     return y_ME
 
 
