@@ -184,7 +184,8 @@ def _local_experts(x_NE, idx_NK, w_NK, gate_XEF, up_XEF, down_XFE, first, kernel
     # block of an eighth to a quarter of the mean rows per expert pads by an eighth at most, on average, while
     # most matmuls run on the double block, a quarter to a half of the mean: smaller matmuls cost more in
     # per-block overhead than they save (one layer of a GSPO minibatch, 320 rows per expert, forward and
-    # backward: 97 / 79 / 83 ms with single blocks of 256 / 128 / 64). At most 128 rows: larger measured no faster.
+    # backward: 97 / 79 / 83 ms with single blocks of 256 / 128 / 64; the whole minibatch update 1.30-1.34 s with
+    # single blocks of 128, 1.26 s with pairs of 64). Blocks of at most 128 rows: larger measured no faster.
     eighth_to_quarter_mean = 1 << max(0, (capacity // X).bit_length() - 3)
     block = 1 if kernel == "ragged_dot" else max(MIN_BLOCK, min(128, eighth_to_quarter_mean))
     lay = _layout(idx_NK.reshape(-1) - first, X, block, capacity)
