@@ -61,7 +61,10 @@ class MoEBlock(nnx.Module):
     def split_experts(self):
         """Hold each expert's weights as an array of its own, for decoding on one CPU device (see
         `Qwen3.unstack_layers`): the experts then run from their weights in place, where taking one out of the
-        stack would copy it at every step. Forward only."""
+        stack would copy it at every step. Forward only. Under a mesh of several devices it does nothing: sharded
+        experts stay stacked for their shard_map."""
+        if not _on_one_device(jax.sharding.get_abstract_mesh()):
+            return
         for p in (self.gate, self.up, self.down):
             p.set_value(tuple(jnp.unstack(p.get_value())))
 
@@ -111,13 +114,18 @@ def _every_expert(x_NE, idx_NK, w_NK, gate_XEF, up_XEF, down_XFE, first):
 # Sharding
 
 
+def _on_one_device(mesh) -> bool:
+    """No mesh or a one-device mesh: the experts run without shard_map."""
+    return mesh.empty or mesh.size == 1
+
+
 def _mesh_axes(entry) -> tuple[str, ...]:
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def _sharded_experts(x_BTE, idx_BTK, w_BTK, gate_XEF, up_XEF, down_XFE):
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
+    if _on_one_device(mesh):
         y_NE = _local_experts(x_BTE.reshape(-1, x_BTE.shape[-1]), idx_BTK.reshape(-1, idx_BTK.shape[-1]),
                               w_BTK.reshape(-1, w_BTK.shape[-1]), gate_XEF, up_XEF, down_XFE, 0)
         return y_NE.reshape(x_BTE.shape)

@@ -410,14 +410,12 @@ class Qwen3(nnx.Module):
         of decoding (bound by reading the weights). A decode loop that takes these copies, made once per
         generation, reads each weight once per token, for one more copy of the layer weights while it runs. On one
         device, MoE layers also hold each expert's weights apart (`MoEBlock.split_experts`), for the same reason."""
-        mesh = jax.sharding.get_abstract_mesh()
-        split_experts = mesh.empty or mesh.size == 1  # sharded experts stay stacked for their shard_map
         out = []
         for stack, (moe, n) in zip(self.stacks, self.cfg.segments()):
             graphdef, state = nnx.split(stack)
             for j in range(n):
                 layer = nnx.merge(graphdef, jax.tree.map(lambda a, j=j: a[j], state))
-                if moe and split_experts:
+                if moe:
                     layer.mlp.split_experts()
                 out.append(nnx.split(layer))
         return tuple(out)
