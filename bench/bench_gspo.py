@@ -67,7 +67,7 @@ def iteration(cfg: Qwen3Config, repeats: int):
             size = P * G // MINIBATCHES
             for i in range(MINIBATCHES):
                 mb = {k: v[i * size:(i + 1) * size] for k, v in batch.items()}
-                state.params, state.opt_state, m = update_fn(state.params, state.opt_state, mb, i,
+                state.params, state.opt_state, m = update_fn(state.params, state.opt_state, mb,
                                                              routing.get("counts"))
             jax.block_until_ready(m)
             t3 = time.perf_counter()

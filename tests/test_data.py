@@ -180,6 +180,10 @@ def test_bad_config_errors(tmp_path):
     bad.write_text(json.dumps({"prompt": "1+1="}) + "\n[1, 2]\n")
     with pytest.raises(ValueError, match="bad.jsonl:2: not a JSON object per line"):
         data.make_prompt_source(cfg_for(source=str(bad), eval_size=0))
+    # Errors name the line as an editor counts it, whatever is wrong with it (blank lines count too).
+    bad.write_text(json.dumps({"prompt": "1+1="}) + "\n\n" + json.dumps({"question": "2+2="}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:3: no prompt field 'prompt'"):
+        data.make_prompt_source(cfg_for(source=str(bad), eval_size=0))
     with pytest.raises(ValueError, match="ops from"):
         data.eval_items(cfg_for(ops="+/"))
     with pytest.raises(ValueError, match="process_index 2"):

@@ -58,7 +58,7 @@ def test_a_few_steps_log_metrics_and_a_report(tmp_path, module):
     assert os.path.exists(tmp_path / "tb")
 
 
-def test_resume_after_sigterm_is_exact(tmp_path):
+def test_resume_after_sigterm_is_exact(tmp_path, capsys):
     # With a KL penalty: the resumed run must keep the reference policy of the start, not the resumed one.
     steps, kl = 4, dict(kl_coef=0.05)
     full = str(tmp_path / "full")
@@ -75,8 +75,10 @@ def test_resume_after_sigterm_is_exact(tmp_path):
     threading.Thread(target=interrupt_after_step_2, daemon=True).start()
     first = train.train(_tiny(next_config, steps, **kl), part)
     assert len(first) < steps, "the signal should have stopped the run early"
+    capsys.readouterr()
     second = train.train(_tiny(next_config, steps, **kl), part)
     assert second[0]["step"] == first[-1]["step"] + 1
+    assert f"resumed from step {first[-1]['step']} of {part}" in capsys.readouterr().out
     assert _comparable(read(part)) == _comparable(read(full))
     a, b = _params(full, steps), _params(part, steps)
     jax.tree.map(np.testing.assert_array_equal, a, b)
@@ -105,14 +107,15 @@ def test_jsonl_prompts_with_an_hf_tokenizer_and_the_math_reward(tmp_path):
              for i, (a, b) in enumerate([(1, 2), (3, 4), (2, 2), (5, 1), (4, 4), (3, 3), (1, 1), (2, 5)] * 3)]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
     c = _tiny(nano_config, 2)
-    c.tokenizer = str(tmp_path / "tok")
-    c.model.vocab_size = 320  # the BPE has 300 tokens: padded vocabulary, as real Qwen checkpoints have
+    c.tokenizer = str(tmp_path / "tok")  # 300 tokens, more than the tiny model's 64
     c.model.max_position_embeddings = 256
     c.data.source = str(tmp_path / "train.jsonl")
     c.data.eval_size = 4
     c.data.max_prompt_len = 64
     hist = train.train(c, str(tmp_path / "run"))
     assert [h["step"] for h in hist] == [1, 2]
+    # A from-scratch model's vocabulary follows its tokenizer, rounded up as real checkpoints pad it.
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["vocab_size"] == 384
     assert "reward/math/mean" in hist[-1] and 0.0 <= hist[-1]["reward_mean"] <= 1.0
     # Every math failure has a counted reason; their sum plus the successes is the batch.
     fails = sum(v for k, v in hist[-1].items() if k.startswith("reward/math/fail/"))

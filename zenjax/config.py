@@ -10,6 +10,7 @@ import ml_collections
 
 from zenjax import sharding
 from zenjax.models import Qwen3Config
+from zenjax.rl import losses, rewards
 
 # How to run the model rather than what it is: these override an HF config.json.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "moe_impl", "router_aux_loss_coef", "router_z_loss_coef",
@@ -45,7 +46,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
              num_processes: int | None = None) -> dict[str, int]:
     """Check a run config against itself and the device count; return the resolved mesh sizes.
 
-    Raises ValueError listing every problem found. Loss and reward names are checked where they are looked up."""
+    Raises ValueError listing every problem found."""
     n = jax.device_count() if num_devices is None else num_devices
     procs = jax.process_count() if num_processes is None else num_processes
     sizes = mesh_sizes(config.mesh, n)
@@ -53,6 +54,20 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     rl = config.rl
     errors = []
 
+    counts = {"steps": config.steps, "rl.prompts_per_step": rl.prompts_per_step, "rl.max_new_tokens":
+              rl.max_new_tokens, "optim.grad_accum": config.optim.grad_accum, "checkpoint_every":
+              config.checkpoint_every, "keep_checkpoints": config.keep_checkpoints, "eval_every": config.eval_every}
+    for key, value in counts.items():
+        least = 0 if key == "eval_every" else 1  # eval_every=0 turns evaluation off
+        if value < least:
+            errors.append(f"{key}={value} must be >= {least}")
+    if rl.loss not in losses.LOSSES:
+        errors.append(f"rl.loss={rl.loss!r} is not a registered loss: {', '.join(sorted(losses.LOSSES))}")
+    if rl.old_logprobs not in ("recompute", "sampler"):
+        errors.append(f"rl.old_logprobs={rl.old_logprobs!r} must be 'recompute' or 'sampler'")
+    unknown = sorted(set(config.rewards) - set(rewards.REWARDS))
+    if unknown:
+        errors.append(f"rewards {unknown} are not registered: {', '.join(sorted(rewards.REWARDS))}")
     if rl.group_size < 2:
         errors.append(f"rl.group_size={rl.group_size}: group advantages need at least 2 completions per prompt")
     if rl.prompts_per_step % procs:
@@ -91,5 +106,5 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
             errors.append(f"model.{field_of[logical]}={size} is not divisible by {axes}={ways} "
                           f"(the '{logical}' axis is sharded over it)")
     if errors:
-        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+        raise ValueError("invalid config: " + "; ".join(errors))
     return sizes

@@ -94,6 +94,7 @@ class _Shuffled(Sequence):
 # ------------------------------------------------------------------------------------------------ files
 
 def _read_rows(pattern: str, fields: list[str]) -> list[tuple[str, int, dict]]:
+    """(path, n, row): n is the line number (from 1) in JSONL, the row index (from 0) in Parquet."""
     paths = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
     if not paths or not all(os.path.isfile(p) for p in paths):
         raise ValueError(f"data.source {pattern!r} is neither a synthetic task {SYNTHETIC_TASKS} nor existing files")
@@ -105,14 +106,14 @@ def _read_rows(pattern: str, fields: list[str]) -> list[tuple[str, int, dict]]:
             rows += [(path, i, r) for i, r in enumerate(table.to_pylist())]
         elif path.endswith((".jsonl", ".json")):
             with open(path, encoding="utf-8") as f:
-                for i, line in enumerate(f):
+                for i, line in enumerate(f, 1):
                     if line.strip():
                         try:
                             row = json.loads(line)
                         except json.JSONDecodeError as e:
-                            raise ValueError(f"{path}:{i + 1}: not a JSON object per line: {e}") from None
+                            raise ValueError(f"{path}:{i}: not a JSON object per line: {e}") from None
                         if not isinstance(row, dict):
-                            raise ValueError(f"{path}:{i + 1}: not a JSON object per line")
+                            raise ValueError(f"{path}:{i}: not a JSON object per line")
                         rows.append((path, i, row))
         else:
             raise ValueError(f"{path}: unsupported file type (use .jsonl / .json lines or .parquet)")
@@ -120,7 +121,7 @@ def _read_rows(pattern: str, fields: list[str]) -> list[tuple[str, int, dict]]:
 
 
 def _to_item(path: str, row_no: int, row: dict, cfg) -> dict:
-    where = f"{path} row {row_no}"
+    where = f"{path} row {row_no}" if path.endswith(".parquet") else f"{path}:{row_no}"
     if cfg.prompt_field not in row:
         raise ValueError(f"{where}: no prompt field {cfg.prompt_field!r} (fields: {sorted(row)})")
     prompt = row[cfg.prompt_field]

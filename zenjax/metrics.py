@@ -20,17 +20,19 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter  # noqa: PLC0415 - heavy import, main process only
 
             self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-            self._bar = tqdm.tqdm(total=total_steps, initial=start_step, desc="gspo", dynamic_ncols=True)
+            self._total, self._start = total_steps, start_step
             self._drop_after(start_step)
 
     def _drop_after(self, step: int) -> None:
-        """On resume, forget lines past the restored step so the file holds each step once."""
+        """On resume, forget lines past the restored step (and a line torn by a kill) so the file holds each
+        step once; the rewrite is atomic."""
         if not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        keep = [json.dumps(row) + "\n" for row in _rows(self.path) if row.get("step", 0) <= step]
         with open(self.path + ".tmp", "w") as f:
             f.writelines(keep)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(self.path + ".tmp", self.path)
 
     def write(self, step: int, metrics: dict) -> None:
@@ -42,6 +44,8 @@ class MetricsWriter:
         for k, v in clean.items():
             if math.isfinite(v):
                 self._tb.add_scalar(k, v, step)
+        if self._bar is None:  # from the first step on, so start-up and warm-up do not skew its ETA
+            self._bar = tqdm.tqdm(total=self._total, initial=self._start, desc="gspo", dynamic_ncols=True)
         self._bar.update(step - self._bar.n)
         self._bar.set_postfix({k: f"{clean[k]:.3g}" for k in KEY_FIGURES if k in clean}, refresh=False)
 
@@ -52,10 +56,23 @@ class MetricsWriter:
     def close(self) -> None:
         if self.enabled:
             self._tb.close()
-            self._bar.close()
+            if self._bar is not None:
+                self._bar.close()
+
+
+def _rows(path: str) -> list[dict]:
+    """The file's rows; a last line that a kill cut short is left out (every other line must parse)."""
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1 or line.endswith("\n"):
+                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+    return rows
 
 
 def read(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return _rows(os.path.join(workdir, "metrics.jsonl"))

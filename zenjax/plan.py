@@ -35,17 +35,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app, flags
+from absl import flags
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh
-from ml_collections import config_flags
 
-from zenjax import sharding
+from zenjax import cli, sharding
 from zenjax.config import BATCH_AXES, model_config_from, validate
 from zenjax.models import Qwen3, Qwen3Config
 from zenjax.train_state import abstract_state, make_optimizer
@@ -208,12 +206,17 @@ class Plan:
         return []
 
 
+def fixed_devices(mesh: ml_collections.ConfigDict) -> int:
+    """The devices a mesh config names without its -1 axis (which then gets one)."""
+    return math.prod(max(int(mesh[a]), 1) for a in sharding.MESH_AXES)
+
+
 def plan(config: ml_collections.ConfigDict, num_devices: int | None = None, chip: str | None = None) -> Plan:
     """All the numbers for `config` on `num_devices` (default: the product of the mesh's fixed axes)."""
     if chip is not None and chip not in CHIPS:
         raise ValueError(f"unknown chip {chip!r}; known: {', '.join(CHIPS)}")
     if num_devices is None:
-        num_devices = math.prod(max(int(config.mesh[a]), 1) for a in sharding.MESH_AXES)
+        num_devices = fixed_devices(config.mesh)
     sizes = validate(config, num_devices=num_devices, num_processes=1)
     cfg = model_config_from(config.model)
     counts = count_params(cfg)
@@ -293,20 +296,22 @@ def format_plan(p: Plan, hf_model_id: str = "") -> str:
 FLAGS = flags.FLAGS
 
 
-def main(argv: list[str]) -> Any:
+def main(config: ml_collections.ConfigDict, argv: list[str]) -> None:
     del argv
-    if FLAGS.config is None:
-        raise app.UsageError("--config=configs/<family>.py[:tiny] is required")
     # Shapes only: never claim an accelerator a training job on this host may be using.
     jax.config.update("jax_platforms", "cpu")
-    print(format_plan(plan(FLAGS.config, FLAGS.devices, FLAGS.chip), FLAGS.config.hf_model_id))
-    if FLAGS.devices is None and -1 in FLAGS.config.mesh.values():
+    try:
+        p = plan(config, FLAGS.devices, FLAGS.chip)
+    except ValueError as e:
+        raise cli.UserError(cli.message(e)) from None
+    print(format_plan(p, config.hf_model_id))
+    if FLAGS.devices is None and -1 in config.mesh.values():
         print("note: the mesh's -1 axis was given 1 device; pass --devices=N to plan for an N-chip slice")
 
 
 if __name__ == "__main__":
     # Defined here, not at import: zenjax.train defines its own --config and tests import both modules.
-    config_flags.DEFINE_config_file("config", None, "ml_collections config file[:arg].", lock_config=True)
+    flags.DEFINE_string("config", None, cli.CONFIG_HELP)
     flags.DEFINE_integer("devices", None, "devices to plan for (default: the product of the mesh's fixed axes)")
     flags.DEFINE_enum("chip", None, list(CHIPS), "accelerator: warn when the peak does not fit its memory")
-    app.run(main)
+    cli.run(main)

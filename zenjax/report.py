@@ -5,6 +5,7 @@ import os
 
 from absl import app, flags
 
+from zenjax import cli
 from zenjax.metrics import read
 
 PANELS = (
@@ -44,7 +45,10 @@ def plot(workdir: str) -> str:
 
 def main(argv):
     del argv
-    print(plot(flags.FLAGS.workdir))
+    workdir = flags.FLAGS.workdir
+    if not os.path.isfile(os.path.join(workdir, "metrics.jsonl")):
+        cli.fail(f"no metrics.jsonl in {os.path.abspath(workdir)}: pass the --workdir of a training run")
+    print(plot(workdir))
 
 
 if __name__ == "__main__":

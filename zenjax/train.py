@@ -6,9 +6,10 @@ at the end and on SIGTERM/SIGINT; a restart with the same workdir resumes exactl
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import json
-import logging
 import os
 import time
 
@@ -16,27 +17,22 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
 
-from zenjax import distributed, hostmem, sharding
+from zenjax import cli, distributed, hostmem, plan, sharding
 from zenjax.checkpoint import Checkpointer, frozen_reference, install_signal_handlers
 from zenjax.config import model_config_from, validate
 from zenjax.data import PromptLoader, eval_items
 from zenjax.metrics import MetricsWriter
 from zenjax.rl import rewards, rollout
-from zenjax.tokenizer import load_tokenizer
+from zenjax.tokenizer import Tokenizer, load_tokenizer
 from zenjax.train_state import RLHyper, State, abstract_state, init_state, make_functions, make_optimizer, \
     make_sft_step
+from zenjax.weights import ParamsReader, load_weights, locate, read_config
 
-config_flags.DEFINE_config_file("config", "configs/next.py:tiny", "ml_collections config file[:arg].",
-                                lock_config=True)
-flags.DEFINE_string("workdir", "runs/default", "Checkpoints, metrics and plots go here.")
-flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs without a cluster manager).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
-flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
 FLAGS = flags.FLAGS
+VOCAB_MULTIPLE = 128  # a from-scratch vocabulary grown to cover its tokenizer is rounded up to this
 
 
 def _put(tree, mesh):
@@ -86,9 +82,46 @@ def evaluate(state: State, items, tokenizer, config, rng) -> float:
     return float(np.mean(r))
 
 
+@dataclasses.dataclass
+class Setup:
+    """What start-up settles from the user's input, before anything is written or compiled."""
+    config: ml_collections.ConfigDict  # with the architecture of `init_from` and a vocabulary that fits
+    tokenizer: Tokenizer
+    loader: PromptLoader
+    held_out: list[dict]
+
+
+def setup(config: ml_collections.ConfigDict, num_devices: int | None = None) -> Setup:
+    """Checks everything the user's config and files can get wrong (fields, mesh, tokenizer, data, the weights of
+    `init_from`), raising cli.UserError naming the problem; the config returned is a resolved copy."""
+    try:
+        config = copy.deepcopy(config)
+        if config.init_from:  # the weights define the architecture; config.model keeps how to run it
+            loc = locate(config.init_from)
+            ParamsReader(loc.params_dir).check(read_config(config.init_from))
+            config.model.hf_config = loc.config_path
+        tokenizer = load_tokenizer(config.tokenizer)
+        cfg = model_config_from(config.model)
+        if tokenizer.vocab_size > cfg.vocab_size:
+            if config.model.hf_config:
+                raise ValueError(f"tokenizer {config.tokenizer!r} has {tokenizer.vocab_size} tokens but the model "
+                                 f"({config.model.hf_config}) has vocab_size={cfg.vocab_size}")
+            config.model.vocab_size = -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        validate(config, num_devices)
+        # Every process reads the whole batch (the sampler needs the same prompts everywhere) and so holds the
+        # same data-iterator state, which then resumes on any number of processes. Each scores its rows.
+        loader = PromptLoader(config.data, tokenizer, batch_size=config.rl.prompts_per_step, seed=config.seed)
+        held_out = [dict(it, prompt_ids=tokenizer.encode_prompt(it["prompt"])) for it in eval_items(config.data)]
+    except (ValueError, KeyError, OSError) as e:
+        raise cli.UserError(cli.message(e)) from None
+    return Setup(config, tokenizer, loader, held_out)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Run (or resume) a GSPO job; returns the per-step metrics of this invocation."""
-    validate(config)
+    s = setup(config)
+    config, tokenizer, loader = s.config, s.tokenizer, s.loader
+    workdir = os.path.abspath(workdir)  # Orbax needs absolute paths; the run may change directory
     cfg = model_config_from(config.model)
     rl = config.rl
     main = jax.process_index() == 0
@@ -99,9 +132,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         with open(os.path.join(workdir, "run_config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=1))
     mesh = sharding.make_mesh(**config.mesh)
-    tokenizer = load_tokenizer(config.tokenizer)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={cfg.vocab_size}")
     updates_per_step = rl.minibatches
     tx, schedule = make_optimizer(config.optim, config.steps * updates_per_step // config.optim.grad_accum)
     hyper = RLHyper(rl.loss, rl.eps_low, rl.eps_high, rl.kl_coef, rl.logprob_chunk,
@@ -110,11 +140,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints,
                         save_every=config.checkpoint_every)
     key = jax.random.key(config.seed)
-    # Every process reads the whole batch (the sampler needs the same prompts everywhere) and so holds the same
-    # data-iterator state, which then resumes on any number of processes. Each scores and trains on its rows.
-    loader = PromptLoader(config.data, tokenizer, batch_size=rl.prompts_per_step, seed=config.seed)
     rows = _local_rows(mesh, rl.prompts_per_step * rl.group_size)
-    held_out = [dict(it, prompt_ids=tokenizer.encode_prompt(it["prompt"])) for it in eval_items(config.data)]
+    held_out = s.held_out
 
     with jax.set_mesh(mesh):
         graphdef, abs_params, abs_opt, param_sh, opt_sh = abstract_state(cfg, tx, mesh, config.seed)
@@ -123,16 +150,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             start, params, opt_state, meta = restored
             state = State(graphdef, params, opt_state, param_sh, opt_sh)
             loader.set_state(meta["data"])
-            logging.info("resumed from step %d", start)
+            note = f"resumed from step {start} of {workdir}"
         else:
-            start, meta = 0, {}
-            params = None
+            start, meta, params = 0, {}, None
+            note = f"training from scratch in {workdir}"
             if config.init_from:
-                from zenjax.weights import load_weights  # noqa: PLC0415
-
                 _, params = load_weights(config.init_from, mesh=mesh, dtype=cfg.param_dtype)
+                note = f"training from the weights in {config.init_from}, in {workdir}"
             state = init_state(cfg, tx, mesh, config.seed, params)
         writer = MetricsWriter(workdir, config.steps, start, enabled=main)
+        writer.log(note)
         logprobs_fn, update_fn = make_functions(state, cfg, tx, hyper, mesh, schedule)
 
         if start == 0 and not meta.get("sft_done") and rl.sft_steps:
@@ -163,7 +190,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             for i in range(rl.minibatches):
                 state.params, state.opt_state, m = update_fn(state.params, state.opt_state,
                                                              _minibatch(batch, mesh, i, rl.minibatches),
-                                                             step * rl.minibatches + i, routing.get("counts"))
+                                                             routing.get("counts"))
                 mb_metrics.append(m)
             mb_metrics = jax.device_get(mb_metrics)
             t3 = time.perf_counter()
@@ -198,7 +225,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     if main and history and not stopping:
         from zenjax import report  # noqa: PLC0415 - matplotlib only when a run finishes
 
-        report.plot(workdir)
+        writer.log(f"wrote {report.plot(workdir)}")
     return history
 
 
@@ -223,14 +250,34 @@ def _warm_up(state: State, config, tokenizer, mesh, writer) -> State:
     return state
 
 
-def main(argv):
-    del argv
+def dry_run(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Checks the config and its inputs and prints the resolved config and its plan; runs and writes nothing."""
+    jax.config.update("jax_platforms", "cpu")  # never claim the accelerators a running job may hold
+    devices = plan.fixed_devices(config.mesh)
+    config = setup(config, num_devices=devices).config
+    print(config)
+    print(plan.format_plan(plan.plan(config, devices), config.hf_model_id))
+    print(f"dry run: the config and its inputs are valid for {devices} device(s) (the mesh's fixed axes); "
+          f"nothing was compiled or written to {os.path.abspath(workdir)}")
+
+
+def main(config: ml_collections.ConfigDict, argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise cli.UserError(f"unexpected arguments {argv[1:]}; flags are --name=value")
+    if FLAGS.dry_run:
+        return dry_run(config, FLAGS.workdir)
     distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     hostmem.keep_freed_memory()
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax reports every file at INFO
-    train(FLAGS.config, FLAGS.workdir)
+    train(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
+    flags.DEFINE_string("config", "configs/next.py:tiny", cli.CONFIG_HELP + " (--dry_run prints every field)")
+    flags.DEFINE_string("workdir", "runs/default", "Checkpoints, metrics and plots go here.")
+    flags.DEFINE_bool("dry_run", False, "Check the config and its inputs, print it and its plan, run nothing.")
+    flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs without a cluster manager).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+    flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
     hostmem.reexec_with_huge_pages()
-    app.run(main)
+    cli.run(main)

@@ -384,7 +384,8 @@ def load_weights(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype=Non
     reader.check(cfg)
     shapes = param_shapes(cfg)
     if mesh is not None:
-        abstract = nnx.state(nnx.eval_shape(lambda: Qwen3(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+        # jax.eval_shape, not nnx.eval_shape: that one resolves the logical names against the current mesh.
+        abstract = jax.eval_shape(lambda: nnx.state(Qwen3(cfg, rngs=nnx.Rngs(0)), nnx.Param))
         shardings = _flatten(param_shardings(mesh, abstract))
     args = {}
     for p, (shape, _) in shapes.items():

@@ -14,6 +14,7 @@ import os
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -226,9 +227,10 @@ def param_shapes(cfg: Qwen3Config) -> dict[Path, tuple[tuple[int, ...], tuple[st
 @functools.lru_cache(maxsize=16)
 def _param_shapes(cfg: Qwen3Config) -> tuple:
     # Traced once per config: a conversion asks several times, and tracing a large model takes a while.
-    model = nnx.eval_shape(lambda: Qwen3(cfg, rngs=nnx.Rngs(0)))
+    # jax.eval_shape, not nnx.eval_shape: that one resolves the logical names against the current mesh.
+    params = jax.eval_shape(lambda: nnx.state(Qwen3(cfg, rngs=nnx.Rngs(0)), nnx.Param))
     return tuple((path, (tuple(var.get_value().shape), tuple(var.get_metadata()["out_sharding"])))
-                 for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+                 for path, var in nnx.to_flat_state(params))
 
 
 def slice_shape(e: Entry, param_shape: tuple[int, ...]) -> tuple[int, ...]:
