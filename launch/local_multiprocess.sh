@@ -9,17 +9,25 @@
 #   --log-dir DIR    process I writes DIR/process_I.log instead of sharing this terminal
 #   --grace S        once one process fails, the others get S seconds to notice and exit on
 #                    their own, then SIGTERM, then S more seconds before SIGKILL (default 30)
+#   --dry-run        print each process's environment and command, start none (anywhere in
+#                    the arguments: it is never passed on)
 #
 # Each process gets ZENJAX_COORDINATOR=127.0.0.1:<free port>, ZENJAX_NUM_PROCESSES=N and
 # ZENJAX_PROCESS_ID=I. Exits 0 if all succeed, else with the status of the first failure.
 set -euo pipefail
 
-usage() { sed -n '2,15s/^# \{0,1\}//p' "$0" >&2; exit 2; }
+usage() { sed -n '2,17s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 
 devices=2
 cmd="python -m zenjax.train"
 log_dir=""
 grace=30
+dry_run=0
+args=()
+for arg in "$@"; do  # a dry run, wherever it was asked for
+  if [[ "$arg" == --dry-run ]]; then dry_run=1; else args+=("$arg"); fi
+done
+set -- "${args[@]}"
 while [[ $# -gt 0 ]]; do
   [[ "$1" == --*=* ]] && set -- "${1%%=*}" "${1#*=}" "${@:2}"  # --opt=value
   case "$1" in
@@ -35,12 +43,23 @@ done
 [[ $# -ge 1 && "$1" =~ ^[1-9][0-9]*$ ]] || usage
 n="$1"; shift
 read -r -a cmd_words <<< "$cmd"
-[[ -n "$log_dir" ]] && mkdir -p "$log_dir"
 
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 # Replace any device count inherited from the caller (pytest asks for 8 in its own process).
 xla_flags="$(sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g; s/^ +| +$//g' <<< "${XLA_FLAGS:-}")"
 xla_flags="${xla_flags:+$xla_flags }--xla_force_host_platform_device_count=${devices}"
+if [[ $dry_run == 1 ]]; then
+  for ((i = 0; i < n; i++)); do
+    printf '+ JAX_PLATFORMS=cpu XLA_FLAGS=%q ZENJAX_COORDINATOR=127.0.0.1:PORT ZENJAX_NUM_PROCESSES=%s' \
+      "$xla_flags" "$n"
+    printf ' ZENJAX_PROCESS_ID=%s' "$i"
+    printf ' %q' "${cmd_words[@]}" "$@"
+    [[ -n "$log_dir" ]] && printf ' > %q' "${log_dir}/process_${i}.log"
+    echo
+  done
+  exit 0
+fi
+[[ -n "$log_dir" ]] && mkdir -p "$log_dir"
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
 pids=()
 kill_all() {

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Trains zenjax on a Cloud TPU VM slice: create (or reuse) it, ship the code, run on every worker.
 #
-#   launch/tpu_pod.sh [options] COMMAND [train args, e.g. --config.init_from=gs://b/ckpt ...]
+#   launch/tpu_pod.sh [options] COMMAND [options] [train args, e.g. --config.init_from=/mnt/gcs/w ...]
+#
+# The options below may come before or after the command word, and --dry-run anywhere at all; every
+# other word after the command, and everything after `--`, goes to `python -m zenjax.train`.
 #
 # Commands:
 #   create   create the TPU VM (with --queued: a queued resource, then wait until it is ACTIVE)
@@ -35,13 +38,17 @@
 #   --dry-run          print the commands without running them
 set -euo pipefail
 
-usage() { sed -n '2,38s/^# \{0,1\}//p' "$0" >&2; exit 2; }
+usage() { sed -n '2,41s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 
 name=zenjax zone="" project="" type=v5p-128 runtime="" queued=0 spot=0
 config=configs/next.py workdir="" bucket="" repo="" branch=main python=3.11 lines=30 dry_run=0
-command=""
-while [[ $# -gt 0 && -z "$command" ]]; do
-  [[ "$1" == --*=* ]] && set -- "${1%%=*}" "${1#*=}" "${@:2}"  # --opt=value
+command="" train_args=()
+for arg in "$@"; do [[ "$arg" == --dry-run ]] && dry_run=1; done  # a dry run, wherever it was asked for
+while [[ $# -gt 0 ]]; do
+  case "${1%%=*}" in  # --opt=value, for this script's own options only (train args keep their form)
+    --name|--zone|--project|--type|--runtime|--config|--workdir|--bucket|--repo|--branch|--python|--lines)
+      [[ "$1" == *=* ]] && set -- "${1%%=*}" "${1#*=}" "${@:2}" ;;
+  esac
   case "$1" in
     --name) name="$2"; shift 2 ;;
     --zone) zone="$2"; shift 2 ;;
@@ -57,13 +64,17 @@ while [[ $# -gt 0 && -z "$command" ]]; do
     --branch) branch="$2"; shift 2 ;;
     --python) python="$2"; shift 2 ;;
     --lines) lines="$2"; shift 2 ;;
-    --dry-run) dry_run=1; shift ;;
+    --dry-run) shift ;;
     -h|--help) usage ;;
-    create|setup|run|logs|stop|delete|all) command="$1"; shift ;;
-    *) echo "tpu_pod.sh: unknown option or command '$1'" >&2; usage ;;
+    --) shift; train_args+=("$@"); break ;;
+    *)
+      if [[ -z "$command" && "$1" =~ ^(create|setup|run|logs|stop|delete|all)$ ]]; then command="$1"
+      elif [[ -n "$command" ]]; then train_args+=("$1")
+      else echo "tpu_pod.sh: unknown option or command '$1'" >&2; usage
+      fi
+      shift ;;
   esac
 done
-train_args=("$@")
 [[ -n "$command" ]] || usage
 [[ -n "$zone" ]] || { echo "tpu_pod.sh: --zone is required" >&2; exit 2; }
 

@@ -19,8 +19,9 @@ from zenjax import weights
 from zenjax.models import Qwen3
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# One CPU device (not the 8 simulated ones the test process has) and the checkout importable from anywhere.
-ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+# One CPU device (not the 8 simulated ones the test process has), the platforms jax finds (it must not report the
+# ones it does not), and the checkout importable from anywhere.
+ENV = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"} | {"XLA_FLAGS": "", "PYTHONPATH": ROOT}
 # A two-step run: enough to prove it trains and checkpoints, short enough for the suite.
 SHORT = ["--config.steps=2", "--config.rl.sft_steps=0", "--config.rl.prompts_per_step=2", "--config.rl.group_size=2",
          "--config.rl.minibatches=1", "--config.eval_every=0", "--config.rl.max_new_tokens=4"]
@@ -47,7 +48,7 @@ def test_hf_checkpoint_trains_from_converted_weights_and_exports_back(tmp_path):
                          "--workdir=runs/rl", *SHORT, "--config.rl.sft_steps=2"], tmp_path)
     assert rc == 0, err[-3000:]
     workdir = tmp_path / "runs" / "rl"
-    assert f"training from the weights in weights, in {workdir}" in out
+    assert f"training from the weights in weights, in {workdir}, on 1 cpu device(s)" in out
     assert f"wrote {workdir / 'report.png'}" in out and (workdir / "report.png").exists()
     assert "Unable to initialize backend" not in err
     assert [r["step"] for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())] == [1, 2]

@@ -310,3 +310,52 @@ def test_local_launcher_stops_the_rest_when_one_fails(tmp_path):
     assert r.returncode == 3, r.report()
     assert r.statuses == {0: -15, 1: 3, 2: -9}, r.report()  # 2 ignores SIGTERM
     assert r.seconds < 20, r.report()
+
+
+# --- dry runs -------------------------------------------------------------------------------------
+
+RECORDER = "#!/usr/bin/env bash\necho \"$(basename \"$0\") $*\" >> \"$RECORD\"\n"
+DRY_RUNS = {  # script: (arguments with a {dry} slot in every place a user may put the flag, fakes it calls)
+    "tpu_pod.sh": (["{dry}", "--zone", "z", "{dry}", "--bucket=b", "--workdir=/mnt/gcs/r", "{dry}", "all",
+                    "{dry}", "--config.init_from=/mnt/gcs/w", "{dry}"], ["gcloud"]),
+    "local_multiprocess.sh": (["{dry}", "--devices", "1", "{dry}", "2", "{dry}", "--config=configs/next.py:tiny",
+                               "{dry}"], ["python"]),
+    "slurm_gpu.sbatch": (["{dry}", "--config=configs/next.py", "{dry}", "--workdir=/shared/r", "{dry}"],
+                         ["srun", "scontrol"]),
+}
+SLOTS = {name: args.count("{dry}") for name, (args, _) in DRY_RUNS.items()}
+
+
+def _launch(tmp_path, name, dry_slot):
+    """Runs a launch script with fakes of every program it may start; returns (result, what they recorded)."""
+    args, fakes = DRY_RUNS[name]
+    argv, slot = [], 0
+    for a in args:
+        if a == "{dry}":
+            if slot == dry_slot:
+                argv.append("--dry-run")
+            slot += 1
+        else:
+            argv.append(a)
+    for fake in fakes:
+        _write(tmp_path / "bin" / fake, RECORDER)
+    record = tmp_path / "record"
+    env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "RECORD": str(record), "HOME": str(tmp_path),
+           "SLURM_JOB_NODELIST": "node[1-2]"}
+    r = _run(["bash", str(LAUNCH / name), *argv], env=env)
+    return r, record.read_text() if record.exists() else ""
+
+
+@pytest.mark.parametrize("name, slot", [(n, s) for n, k in SLOTS.items() for s in range(k)],
+                         ids=lambda x: str(x))
+def test_a_dry_run_anywhere_runs_nothing(tmp_path, name, slot):
+    r, ran = _launch(tmp_path, name, slot)
+    assert r.returncode == 0, r.stderr
+    assert ran == "", f"a dry run started {ran!r}"
+    assert r.stdout.startswith("+ ") and "--dry-run" not in r.stdout  # it says what would run, flag not passed on
+
+
+@pytest.mark.parametrize("name", list(DRY_RUNS))
+def test_without_a_dry_run_the_fakes_do_run(tmp_path, name):
+    r, ran = _launch(tmp_path, name, dry_slot=-1)
+    assert any(line.split()[0] in DRY_RUNS[name][1] for line in ran.splitlines()), (r.stdout, r.stderr)

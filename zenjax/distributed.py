@@ -130,6 +130,17 @@ def _seconds(value: int | None, name: str, default: int) -> int:
     return _int(os.environ.get(name), name) or default
 
 
+def skip_absent_tpu() -> None:
+    """On a host with no TPU chips and no other accelerator, use the CPU without first trying libtpu (installed
+    to compile TPU programs here), which would print its failure at every start. Call before any JAX work."""
+    from jax._src import cloud_tpu_init, xla_bridge  # what jax found at import: chips, and backends to try
+
+    if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or cloud_tpu_init.running_in_cloud_tpu_vm:
+        return
+    if set(xla_bridge._backend_factories) <= {"cpu", "tpu"}:
+        jax.config.update("jax_platforms", "cpu")
+
+
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, local_device_ids: Sequence[int] | None = None,
                *, heartbeat_timeout_s: int | None = None, shutdown_timeout_s: int | None = None,

@@ -159,7 +159,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                 note = f"training from the weights in {config.init_from}, in {workdir}"
             state = init_state(cfg, tx, mesh, config.seed, params)
         writer = MetricsWriter(workdir, config.steps, start, enabled=main)
-        writer.log(note)
+        writer.log(f"{note}, on {mesh.size} {mesh.devices.flat[0].platform} device(s)")
         logprobs_fn, update_fn = make_functions(state, cfg, tx, hyper, mesh, schedule)
 
         if start == 0 and not meta.get("sft_done") and rl.sft_steps:
@@ -266,9 +266,12 @@ def main(config: ml_collections.ConfigDict, argv: list[str]) -> None:
         raise cli.UserError(f"unexpected arguments {argv[1:]}; flags are --name=value")
     if FLAGS.dry_run:
         return dry_run(config, FLAGS.workdir)
+    # Before the backends start: jax reports each platform it does not find at INFO (e.g. no libtpu on a CPU host),
+    # Orbax every file it writes.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    distributed.skip_absent_tpu()
     distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     hostmem.keep_freed_memory()
-    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax reports every file at INFO
     train(config, FLAGS.workdir)
 
 
