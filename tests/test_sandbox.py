@@ -2,10 +2,12 @@
 
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -174,3 +176,44 @@ def test_many_programs_in_parallel():
     print(f"\nsandbox: one program {single:.2f}s, 64 programs on 16 workers {total:.2f}s")
     assert [r.passed for r in results] == [True] * 63 + [False]
     assert total < 64 * single / 4  # serial execution would take ~64x
+
+
+LOOPING_WRITER = "i = 0\nwhile True:\n    open(f'f{i}', 'wb').write(b'x' * 2**20)\n    i += 1\n"
+QUOTA = Limits(wall_s=10, cpu_s=5, memory_mb=256, output_bytes=1 << 20, disk_bytes=8 << 20)
+
+
+@needs("disk")
+def test_a_looping_writer_stops_at_the_disk_quota_and_the_host_disk_stays_free(private_tmp):
+    # The host's free space, polled while a pool of writers runs: each may fill its quota, nothing more.
+    # (Without the quota each wrote ~0.3 GB/s to the host until its CPU limit.)
+    free = [shutil.disk_usage(private_tmp).free]
+    done = threading.Event()
+
+    def poll():
+        while not done.is_set():
+            free.append(shutil.disk_usage(private_tmp).free)
+            time.sleep(0.01)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        results = run_many([LOOPING_WRITER] * 4, QUOTA, max_workers=4)
+    finally:
+        done.set()
+        poller.join()
+    assert [r.reason for r in results] == ["disk"] * 4, [r.stderr[-300:] for r in results]
+    slack = 64 << 20  # the rest of the test suite writes files meanwhile
+    assert free[0] - min(free) <= 4 * QUOTA.disk_bytes + slack
+
+
+@needs("disk")
+def test_many_small_files_count_toward_the_quota():
+    r = run_python("i = 0\nwhile True:\n    open(f's{i}', 'w').write('x')\n    i += 1\n", QUOTA)
+    assert r.reason == "disk", r.stderr[-300:]
+    empty = run_python("i = 0\nwhile True:\n    open(f'e{i}', 'w').close()\n    i += 1\n", QUOTA)
+    assert empty.reason == "disk", empty.stderr[-300:]  # no bytes, but inodes
+
+
+def test_a_solution_that_writes_a_small_file_still_passes():
+    r = run_python("open('cache.txt', 'w').write('42')\nassert open('cache.txt').read() == '42'\n", QUOTA)
+    assert r.passed, r.stderr

@@ -120,7 +120,7 @@ def setup(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
 def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Run (or resume) a GSPO job; returns the per-step metrics of this invocation."""
     s = setup(config)
-    config, tokenizer, loader = s.config, s.tokenizer, s.loader
+    config, tokenizer, loader, held_out = s.config, s.tokenizer, s.loader, s.held_out
     workdir = os.path.abspath(workdir)  # Orbax needs absolute paths; the run may change directory
     cfg = model_config_from(config.model)
     rl = config.rl
@@ -141,7 +141,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                         save_every=config.checkpoint_every)
     key = jax.random.key(config.seed)
     rows = _local_rows(mesh, rl.prompts_per_step * rl.group_size)
-    held_out = s.held_out
 
     with jax.set_mesh(mesh):
         graphdef, abs_params, abs_opt, param_sh, opt_sh = abstract_state(cfg, tx, mesh, config.seed)

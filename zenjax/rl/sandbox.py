@@ -5,6 +5,9 @@ the program runs, the child sets up, in this order:
 - namespaces (`unshare`): a private network namespace with only an unconfigured loopback, and a private mount
   namespace in which every mount is read-only except the working directory (a user namespace is added
   when we are not root);
+- a disk quota: the working directory becomes a tmpfs of `Limits.disk_bytes` (and as many inodes as 4 KiB pages
+  fit), mounted in that namespace, so what a program writes never reaches the host's disk; being tmpfs, it is
+  memory, bounded by the quota, which the address-space limit does not count;
 - rlimits: CPU seconds, address space, and file size, which also caps stdout/stderr: both go to files, and a
   write past the cap fails (EFBIG; Python ignores SIGXFSZ);
 - dropped capabilities (bounding, ambient, effective, permitted) and no_new_privs, so root in the sandbox
@@ -42,14 +45,14 @@ import time
 log = logging.getLogger(__name__)
 
 NETWORK_MARKER = "sandbox: network access is disabled"
-LAYERS = {"network": 1, "filesystem": 2, "capabilities": 4, "processes": 8}  # bits passed to the child
+LAYERS = {"network": 1, "filesystem": 2, "capabilities": 4, "processes": 8, "disk": 16}  # bits for the child
 
 # The child's first code. It runs as a function so the nonce is a local the program cannot import.
 _BOOTSTRAP = r"""
 import os, sys
 
 def _main():
-    nonce_fd, layers, probe, cpu_s, mem_b, out_b = map(int, sys.argv[1:7])
+    nonce_fd, layers, probe, cpu_s, mem_b, out_b, disk_b = map(int, sys.argv[1:8])
     nonce = os.read(nonce_fd, 64)
     os.close(nonce_fd)
     import ctypes, resource
@@ -103,6 +106,19 @@ def _main():
               "mount_setattr(work)")
         os.chdir(work)  # step onto the writable mount now covering the old one
 
+    def disk():
+        if not got & 2:
+            raise OSError(1, "needs the filesystem layer's mount namespace")
+        with open("main.py", "rb") as f:
+            source = f.read()
+        work = os.getcwd().encode()
+        options = b"size=%d,nr_inodes=%d,mode=0700" % (disk_b, max(16, disk_b // 4096))
+        check(libc.mount(b"tmpfs", work, b"tmpfs", c_ulong(0x2 | 0x4 | 0x8), options),  # NOSUID|NODEV|NOEXEC
+              "mount the tmpfs quota")
+        os.chdir(work)  # onto the tmpfs
+        with open("main.py", "wb") as f:
+            f.write(source)
+
     def capabilities():
         check(libc.prctl(38, c_ulong(1), c_ulong(0), c_ulong(0), c_ulong(0)), "PR_SET_NO_NEW_PRIVS")
         cap = 0
@@ -152,6 +168,7 @@ def _main():
 
     layer(1, network)
     layer(2, filesystem)
+    layer(16, disk)
     # CPU: SIGXCPU at the soft limit (reported as a timeout), SIGKILL a second later if the program catches it.
     for res, soft, hard in ((resource.RLIMIT_CORE, 0, 0), (resource.RLIMIT_CPU, cpu_s, cpu_s + 1),
                             (resource.RLIMIT_AS, mem_b, mem_b), (resource.RLIMIT_FSIZE, out_b, out_b)):
@@ -193,12 +210,13 @@ class Limits:
     cpu_s: int = 10  # CPU seconds (RLIMIT_CPU)
     memory_mb: int = 1024  # address space (RLIMIT_AS); the interpreter itself needs ~50 MB
     output_bytes: int = 1 << 20  # cap on stdout, on stderr and on any file the program writes
+    disk_bytes: int = 32 << 20  # cap on all the files the program writes together (a tmpfs; memory)
 
 
 @dataclasses.dataclass(frozen=True)
 class Result:
     passed: bool  # ran to its end (nonce seen) with exit status 0
-    reason: str | None  # None when passed; else timeout|memory|output|network|processes|wrong|crash|early_exit
+    reason: str | None  # None when passed; else timeout|memory|output|disk|network|processes|wrong|crash|early_exit
     returncode: int
     stdout: str
     stderr: str
@@ -218,7 +236,8 @@ def _execute(source: str, limits: Limits, layers: int, nonce: bytes, probe: bool
         os.close(w)
         out_path, err_path = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
         args = [sys.executable, "-I", "-c", _BOOTSTRAP, str(r), str(layers), str(int(probe)),
-                str(max(1, int(limits.cpu_s))), str(limits.memory_mb << 20), str(limits.output_bytes)]
+                str(max(1, int(limits.cpu_s))), str(limits.memory_mb << 20), str(limits.output_bytes),
+                str(limits.disk_bytes)]
         env = {"PATH": os.defpath, "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             try:
@@ -286,6 +305,8 @@ def _classify(rc: int, timed_out: bool, out_full: bool, err_full: bool, stderr: 
         return "network"
     if rc == -signal.SIGXFSZ or out_full or err_full:
         return "output"
+    if "[Errno 28]" in stderr:  # ENOSPC: the tmpfs quota is full (of bytes or of files)
+        return "disk"
     if "MemoryError" in stderr:
         return "memory"
     if "BlockingIOError" in stderr or "can't start new thread" in stderr:
