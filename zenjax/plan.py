@@ -239,7 +239,7 @@ def plan(config: ml_collections.ConfigDict, num_devices: int | None = None, chip
         kv_cache=kv_cache_bytes(cfg, rollout // shards, seq, tensor=t), chip=chip)
 
 
-def _si(n: float, unit: str = "") -> str:
+def si(n: float, unit: str = "") -> str:
     """3 significant-ish digits with an SI prefix: 596.0M, 32.32B (counts use B for 1e9)."""
     for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "B" if not unit else "G"), (1e6, "M"), (1e3, "k")):
         if abs(n) >= scale:
@@ -249,7 +249,7 @@ def _si(n: float, unit: str = "") -> str:
 
 
 def _row(label: str, n: float, note: str = "") -> str:
-    return f"  {label:<30} {_si(n, 'B'):>9}" + (f"   {note}" if note else "")
+    return f"  {label:<30} {si(n, 'B'):>9}" + (f"   {note}" if note else "")
 
 
 def format_plan(p: Plan, hf_model_id: str = "") -> str:
@@ -258,21 +258,21 @@ def format_plan(p: Plan, hf_model_id: str = "") -> str:
             f"{cfg.head_dim}, vocab {cfg.vocab_size}")
     arch += (f", {cfg.num_experts} experts top-{cfg.num_experts_per_tok} x {cfg.moe_intermediate_size}"
              if cfg.num_experts else f", mlp {cfg.intermediate_size}")
-    head = "tied (the embedding)" if cfg.tie_embeddings else _si(c.lm_head)
+    head = "tied (the embedding)" if cfg.tie_embeddings else si(c.lm_head)
     lines = [
         f"{p.name}" + (f" ({hf_model_id})" if hf_model_id else ""),
         f"  {arch}",
-        f"parameters   total {_si(c.total)} ({c.total:,})   active {_si(c.active)} ({c.active:,})",
-        f"  embedding {_si(c.embedding)}   lm head {head}   non-embedding {_si(c.non_embedding)}",
+        f"parameters   total {si(c.total)} ({c.total:,})   active {si(c.active)} ({c.active:,})",
+        f"  embedding {si(c.embedding)}   lm head {head}   non-embedding {si(c.non_embedding)}",
     ]
     if cfg.num_experts:
-        lines.append(f"  experts {_si(c.experts)}, active {_si(c.experts_active)}")
+        lines.append(f"  experts {si(c.experts)}, active {si(c.experts_active)}")
     step_tokens = p.rollout_rows * p.seq_len
     lines += [
-        f"training FLOPs/token  {_si(p.flops_per_token, 'FLOP')} = 6 x {_si(c.matmul_active)} + 12 x "
+        f"training FLOPs/token  {si(p.flops_per_token, 'FLOP')} = 6 x {si(c.matmul_active)} + 12 x "
         f"{cfg.num_layers} x {cfg.num_heads} x {cfg.head_dim} x {p.seq_len}",
         f"  per GSPO step (gradient passes over {p.rollout_rows} x {p.seq_len} tokens): "
-        f"{_si(p.flops_per_token * step_tokens, 'FLOP')}",
+        f"{si(p.flops_per_token * step_tokens, 'FLOP')}",
         f"mesh  {' '.join(f'{a}={s}' for a, s in p.mesh.items())}  "
         f"({p.devices} device{'s' * (p.devices > 1)}, batch over {p.batch_shards})",
         f"  sequence {p.seq_len}; rollout {p.rollout_rows} seqs ({p.rollout_rows // p.batch_shards}/device); "
@@ -282,7 +282,7 @@ def format_plan(p: Plan, hf_model_id: str = "") -> str:
         _row("gradients", p.grads),
         _row("optimizer state", p.opt_state),
         _row(f"activations, remat {'on' if cfg.remat else 'off'}", p.activations,
-             f"(remat {'off' if cfg.remat else 'on'}: {_si(p.activations_other, 'B')})"),
+             f"(remat {'off' if cfg.remat else 'on'}: {si(p.activations_other, 'B')})"),
         _row("old log-prob forward", p.logprob_forward),
         _row(f"rollout KV cache ({cfg.dtype})", p.kv_cache),
         _row("peak", p.peak),

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from zenjax.models.qwen3 import KVCache, LayerCache, Qwen3
-from zenjax.sharding import constrain
+from zenjax.sharding import constrain, platform
 
 BUCKET = 32  # prompts are left-padded to a multiple of this many tokens
 
@@ -187,7 +187,7 @@ def _generate(graphdef, state, prompt_PL, pmask_PL, rng, temperature, top_p, pad
                           for c in out.cache.layers),
                     rep(out.cache.valid_BS, axis=0), out.cache.index)
     layers = None
-    if jax.default_backend() == "cpu":  # see Qwen3.unstack_layers; accelerators slice scanned weights in place
+    if platform() == "cpu":  # see Qwen3.unstack_layers; accelerators slice scanned weights in place
         layers, cache = model.unstack_layers(), cache.unstack()
     next_pos_N = rep(pmask_PL.sum(axis=1, dtype=jnp.int32), axis=0)  # position of the first new token
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)

@@ -65,6 +65,17 @@ def _current_mesh():
     return None if mesh.empty else mesh
 
 
+def platform(mesh: Mesh | None = None) -> str:
+    """The platform of the devices a computation runs on: those of `mesh`, else of the mesh set by `jax.set_mesh`
+    (a compile-only TPU mesh on a CPU host is TPU), else the default backend's."""
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+    if isinstance(mesh, Mesh):
+        return mesh.devices.flat[0].platform
+    device = getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Sharding constraint on an activation, a no-op when no mesh is set (single-device use)."""
     mesh = _current_mesh()

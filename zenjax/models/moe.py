@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from zenjax.models.qwen3 import Qwen3Config, param
-from zenjax.sharding import RULES, logical_to_spec
+from zenjax.sharding import RULES, logical_to_spec, platform
 
 F32 = jnp.float32
 GATE_AXES = ("experts", "embed", "expert_mlp")  # also up
@@ -181,7 +181,7 @@ def _local_experts(x_NE, idx_NK, w_NK, gate_XEF, up_XEF, down_XFE, first, kernel
     N, K = idx_NK.shape
     split = isinstance(gate_XEF, tuple)  # one array per expert (MoEBlock.split_experts)
     X = len(gate_XEF) if split else gate_XEF.shape[0]
-    kernel = kernel or ("blocked" if jax.default_backend() == "cpu" else "ragged_dot")
+    kernel = kernel or ("blocked" if platform() == "cpu" else "ragged_dot")
     if kernel == "blocked" and N <= MIN_BLOCK and not split:
         # Decoding a few tokens: the blocked kernel would pad each used expert to a block of MIN_BLOCK rows
         # anyway, so running every expert held here on all N rows costs no more matmul rows, reads each expert's

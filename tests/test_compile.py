@@ -1,0 +1,80 @@
+"""The compile tool on TPU topologies from this CPU host (libtpu's compile-only client): the three programs of
+a GSPO step compile for the slice, their kernels are the TPU ones, and bad input is one clear line."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from configs import next as next_config
+from zenjax import cli, compile as zcompile
+
+pytest.importorskip("libtpu", reason='the TPU compiler is not installed (pip install -e ".[tpu]")')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+
+
+@pytest.mark.parametrize("name, want", [("v5p-128", ("v5p:4x4x4", "v5p", 64)), ("v5p-8", ("v5p:2x2x1", "v5p", 4)),
+                                        ("v4-32", ("v4:2x2x4", "v4", 16)), ("v5litepod-16", ("v5e:4x4", "v5e", 16)),
+                                        ("v5e-8", ("v5e:2x4", "v5e", 8)), ("v6e-256", ("v6e:16x16", "v6e", 256))])
+def test_slice_names_map_to_topologies(name, want):
+    assert zcompile.topology(name) == want
+
+
+@pytest.mark.parametrize("name", ["v9-8", "v5p-12", "v5p-2", "tpu"])
+def test_unknown_slices_are_user_errors(name):
+    with pytest.raises(cli.UserError, match="--topology"):
+        zcompile.topology(name)
+
+
+HLO = """
+%body.1 (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ag = bf16[4,256]{1,0} all-gather(bf16[1,256]{1,0} %x), replica_groups={}
+  %w2 = (s32[]) while((s32[]) %t), condition=%c2, body=%inner, backend_config={"known_trip_count":{"n":"3"}}
+}
+%inner (q: (s32[])) -> (s32[]) {
+  %ar = f32[16]{0} all-reduce(f32[16]{0} %y), to_apply=%sum
+}
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %rs = f32[2,8]{1,0} reduce-scatter(f32[8,8]{1,0} %z), dimensions={0}
+  %w = (s32[], f32[8]) while((s32[], f32[8]) %init), condition=%cond, body=%body.1
+}
+"""
+
+
+def test_collectives_per_call_and_per_iteration_of_a_run_time_loop():
+    # Hand-counted: the entry's reduce-scatter result (2*8 f32); each iteration of the run-time loop gathers
+    # 4*256 bf16 and runs a 3-trip loop of a 16-float all-reduce.
+    per_call, per_iteration = zcompile.collective_bytes(HLO)
+    assert per_call == {"reduce-scatter": 64}
+    assert per_iteration == {"all-gather": 2048, "all-reduce": 3 * 64}
+
+
+def test_a_tiny_moe_run_compiles_for_v5p_with_the_tpu_kernels():
+    config = next_config.get_config("tiny")
+    config.mesh.data, config.mesh.expert = 2, 2
+    reports, hbm, sizes, too_big = zcompile.run(config, "v5p-8")
+    assert sizes == {"data": 2, "fsdp": 1, "expert": 2, "tensor": 1} and not too_big and hbm == 95e9
+    by_name = {r.name: r for r in reports}
+    assert list(by_name) == ["update", "old_logprobs", "sampler"]
+    for r in reports:
+        assert r.bytes["arguments"] > 0 and r.bytes["total"] > 0, r
+    # The host's backend is the CPU, the mesh's devices are TPUs: the experts run TPU's grouped matmul kernel.
+    assert any("ragged-dot" in k for k in by_name["update"].kernels), by_name["update"].kernels
+    # Expert parallelism over 2 devices: every decoded token's activations travel between them.
+    assert sum(by_name["sampler"].per_iteration.values()) > 0
+
+
+def test_the_cli_reports_and_fails_when_a_program_does_not_fit(tmp_path):
+    args = [sys.executable, "-m", "zenjax.compile", "--config=configs/nano.py:tiny", "--topology=v5e-4", "--json"]
+    ok = subprocess.run(args, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert '"name": "sampler"' in ok.stdout
+    # 65536 prompts x 8 on 4 chips: the old-log-prob pass alone needs ~80 GB of temporaries per 16 GB chip.
+    huge = subprocess.run(args + ["--config.rl.prompts_per_step=65536", "--config.rl.max_new_tokens=64"],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert huge.returncode == 1, huge.stderr[-2000:]
+    assert re.search(r"does not fit: old_logprobs: .*exceeds available HBM", huge.stderr), huge.stderr[-2000:]
+    bad = subprocess.run(args[:4] + ["--topology=v9-8"], cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --topology='v9-8'")

@@ -1,0 +1,288 @@
+"""Compile a run's programs for a TPU slice from any host, and report what each needs of every chip.
+
+    python -m zenjax.compile --config=configs/next.py --topology=v5p-128 [--config.a.b=...] [--json]
+
+libtpu's compile-only client (`pip install -e ".[tpu]"`) gives the slice's devices on a host without TPUs. The
+mesh is built over them, and the three programs of a GSPO step are lowered from abstract sharded inputs (no
+weight is allocated) and compiled for TPU: the minibatch update, the old-log-prob pass over the whole rollout
+batch and the sampler (prefill + decode loop). For each: the compile time, XLA's per-chip bytes against the
+chip's HBM, and the bytes each kind of collective moves per chip, per call and per iteration of the loops whose
+trip count is only known at run time (the decode loop: what every generated token moves).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import flags
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from zenjax import cli, plan, sampling, sharding
+from zenjax.config import model_config_from, validate
+from zenjax.models import Qwen3
+from zenjax.train_state import RLHyper, State, abstract_state, make_functions, make_optimizer
+
+GB = 1e9
+# Slice names count TensorCores on v4 / v5p (two per chip, a 3-D torus) and chips on v5e / v6e (a 2-D one).
+GENERATIONS = {"v4": ("v4", 2, 3), "v5p": ("v5p", 2, 3), "v5e": ("v5e", 1, 2), "v5litepod": ("v5e", 1, 2),
+               "v6e": ("v6e", 1, 2)}
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all",
+               "collective-permute")
+
+
+def topology(slice_name: str) -> tuple[str, str, int]:
+    """'v5p-128' -> ('v5p:4x4x4', 'v5p', 64): the topology libtpu knows, the chip and the number of chips."""
+    m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", slice_name)
+    if not m:
+        raise cli.UserError(f"--topology={slice_name!r}: expected a slice name such as v4-32, v5litepod-16, v5e-16, "
+                            "v5p-128 or v6e-64")
+    chip, per_chip, ndim = GENERATIONS[m.group(1)]
+    chips = int(m.group(2)) // per_chip
+    if chips < 1 or chips & (chips - 1) or (ndim == 3 and chips < 4):
+        raise cli.UserError(f"--topology={slice_name!r}: {chip} slices have a power of two of chips"
+                            f"{', at least 4' if ndim == 3 else ''}"
+                            f"{' (the name counts 2 TensorCores per chip)' if per_chip == 2 else ''}")
+    dims = [2, 2, 1] if ndim == 3 else [1, 1]
+    while math.prod(dims) < chips:  # double the last of the smallest sides: 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, ...
+        i = max(j for j, d in enumerate(dims) if d == min(dims))
+        dims[i] *= 2
+    return f"{chip}:{'x'.join(map(str, dims))}", chip, chips
+
+
+def tpu_devices(slice_name: str) -> tuple[list, str, float]:
+    """The slice's compile-only devices, its chip and each device's HBM in bytes (v4 gives a device per core)."""
+    name, chip, chips = topology(slice_name)
+    # Compile-only: no chip is opened, so libtpu's one-process-per-host lock need not hold (tests, parallel runs).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        from jax.experimental import topologies  # noqa: PLC0415
+
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+    except (ImportError, RuntimeError, ValueError) as e:
+        raise cli.UserError(f"cannot get the {slice_name} devices from libtpu ({cli.message(e)[:200]}); install it "
+                            f'with pip install -e ".[tpu]" (jax[tpu] of the installed jax version)') from None
+    return devices, chip, plan.CHIPS[chip] * GB * chips / len(devices)
+
+
+# ------------------------------------------------------------------------------------------- the programs
+
+def _sds(shape, dtype, sh):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+
+
+def programs(config: ml_collections.ConfigDict, mesh) -> dict:
+    """name -> (jitted function, abstract args, static kwargs) for the update, log-prob pass and sampler."""
+    cfg = model_config_from(config.model)
+    rl = config.rl
+    tx, schedule = make_optimizer(config.optim, config.steps * rl.minibatches // config.optim.grad_accum)
+    # Eager work (optax's placeholders) stays outside the mesh context.
+    graphdef, abs_params, abs_opt, param_sh, opt_sh = abstract_state(cfg, tx, mesh, config.seed)
+    state = State(graphdef, abs_params, abs_opt, param_sh, opt_sh)
+    hyper = RLHyper(rl.loss, rl.eps_low, rl.eps_high, rl.kl_coef, rl.logprob_chunk, completion_len=rl.max_new_tokens)
+    logprobs, update = make_functions(state, cfg, tx, hyper, mesh, schedule)
+
+    prompt_len = -(-config.data.max_prompt_len // sampling.BUCKET) * sampling.BUCKET
+    T = prompt_len + rl.max_new_tokens
+    rows, mb = rl.prompts_per_step * rl.group_size, rl.prompts_per_step * rl.group_size // rl.minibatches
+    rows_sh = lambda ndim: sharding.batch_sharding(mesh, ndim)  # noqa: E731
+    minibatch = {"tokens": _sds((mb, T), jnp.int32, rows_sh(2)), "mask": _sds((mb, T), jnp.bool_, rows_sh(2)),
+                 "completion_mask": _sds((mb, T - 1), jnp.float32, rows_sh(2)),
+                 "old_logp": _sds((mb, T - 1), jnp.float32, rows_sh(2)), "adv": _sds((mb,), jnp.float32, rows_sh(1))}
+    if rl.kl_coef > 0:
+        minibatch["ref_logp"] = minibatch["old_logp"]
+    if cfg.num_experts:  # the old pass's routing, for the routing-change metric
+        minibatch["old_topk"] = _sds((mb, cfg.num_layers, T, cfg.num_experts_per_tok),
+                                     jnp.uint8 if cfg.num_experts <= 256 else jnp.int32, rows_sh(4))
+    counts = None
+    if cfg.num_experts and cfg.balance_global_batch:
+        with jax.set_mesh(mesh):
+            counts = jax.eval_shape(logprobs, abs_params, minibatch["tokens"], minibatch["mask"])[2]["counts"]
+
+    _, model_state = jax.eval_shape(lambda: nnx.split(Qwen3(cfg, rngs=nnx.Rngs(0))))
+    nnx.replace_by_pure_dict(model_state, abs_params)
+    replicated = NamedSharding(mesh, P())  # the sampler gets host prompts, as in the trainer
+    P_ = rl.prompts_per_step
+    sampler_args = (graphdef, model_state, _sds((P_, prompt_len), jnp.int32, replicated),
+                    _sds((P_, prompt_len), jnp.bool_, replicated),
+                    jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated),
+                    _sds((), jnp.float32, replicated), _sds((), jnp.float32, replicated),
+                    _sds((), jnp.int32, replicated))
+    sampler_kw = dict(num_samples=rl.group_size, max_new=rl.max_new_tokens, cache_len=T, greedy=False,
+                      top_k=rl.top_k, use_top_p=rl.top_p < 1, eos_ids=(0,), vocab_limit=None)
+    return {
+        "update": (update, (abs_params, abs_opt, minibatch, counts), {}),
+        "old_logprobs": (logprobs, (abs_params, _sds((rows, T), jnp.int32, rows_sh(2)),
+                                    _sds((rows, T), jnp.bool_, rows_sh(2))), {}),
+        "sampler": (sampling._generate, sampler_args, sampler_kw),
+    }
+
+
+# ------------------------------------------------------------------------------------------- the report
+
+@dataclasses.dataclass
+class Report:
+    name: str
+    compile_s: float
+    bytes: dict[str, int]  # arguments, temporaries, outputs, aliased, total: per chip
+    collectives: dict[str, int]  # kind -> bytes per chip per call (loops of unknown length counted once)
+    per_iteration: dict[str, int]  # kind -> bytes per chip per iteration of the run-time-length loops
+    kernels: list[str]  # the Pallas / Mosaic kernels the program calls (e.g. ragged-dot on TPU)
+
+
+_SHAPE = re.compile(r"\b(pred|s4|s8|s16|s32|s64|u4|u8|u16|u32|u64|f8e\w+|bf16|f16|f32|f64|c64|c128)\[([\d,]*)\]")
+_BITS = {"pred": 8, "c64": 64, "c128": 128, "f8": 8}
+_COMP = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$")
+_OP = re.compile(r"= (.+?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+_WHILE = re.compile(r"\bwhile\(.*?body=%?([\w.\-]+)")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_KERNEL = re.compile(r'custom_call_target="tpu_custom_call".*?op_name="([^"]+)"')
+_CALLS = re.compile(r"\b(?:to_apply|calls|branch_computations|true_computation|false_computation)=\{?%?([\w.\-, %]+)\}?")
+
+
+def _nbytes(result_type: str) -> int:
+    """Bytes of an HLO result type; an async start's tuple holds its operand and result: take the largest."""
+    sizes = []
+    for dtype, dims in _SHAPE.findall(result_type):
+        bits = _BITS.get(dtype, _BITS.get(dtype[:2], int(re.sub(r"\D", "", dtype) or 8)))
+        sizes.append(math.prod(int(d) for d in dims.split(",") if d) * bits // 8)
+    return max(sizes, default=0)
+
+
+def collective_bytes(hlo: str) -> tuple[dict[str, int], dict[str, int]]:
+    """(per call, per iteration of the loops without a known trip count), kind -> bytes, from compiled HLO."""
+    comps: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in hlo.splitlines():
+        m = _COMP.match(line)
+        if m:
+            current = m.group(1)
+            comps[current] = []
+            entry = current if line.startswith("ENTRY") else entry
+        elif current is not None:
+            comps[current].append(line)
+
+    def total(name: str, seen=()) -> tuple[dict[str, int], dict[str, int]]:
+        direct, loops = {}, {}
+        for line in comps.get(name, ()):
+            op = _OP.search(line)
+            if op:
+                direct[op.group(2)] = direct.get(op.group(2), 0) + _nbytes(op.group(1))
+            body = _WHILE.search(line)
+            subs = [(body.group(1), line)] if body else []
+            subs += [(s.strip().lstrip("%"), None) for c in _CALLS.findall(line) for s in c.split(",")]
+            for sub, while_line in subs:
+                if sub in seen or sub not in comps:
+                    continue
+                inner, inner_loops = total(sub, seen + (name,))
+                trip = _TRIP.search(while_line) if while_line else None
+                if while_line and not trip:  # a run-time-length loop: what one iteration moves
+                    inner_loops = {k: inner_loops.get(k, 0) + v for k, v in inner.items()}
+                    inner = {}
+                n = int(trip.group(1)) if trip else 1
+                for k, v in inner.items():
+                    direct[k] = direct.get(k, 0) + n * v
+                for k, v in inner_loops.items():
+                    loops[k] = loops.get(k, 0) + v
+        return direct, loops
+
+    return total(entry) if entry else ({}, {})
+
+
+class DoesNotFit(Exception):
+    """XLA's TPU compiler refused a program for want of HBM."""
+
+
+def compile_one(name: str, fn, args, kwargs, mesh) -> Report:
+    t = time.perf_counter()
+    try:
+        with jax.set_mesh(mesh):
+            compiled = fn.lower(*args, **kwargs).compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise DoesNotFit(f"{name}: {cli.message(e).split('RESOURCE_EXHAUSTED: ')[-1]}") from None
+    seconds = time.perf_counter() - t
+    m = compiled.memory_analysis()
+    sizes = {"arguments": m.argument_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+             "outputs": m.output_size_in_bytes, "aliased": m.alias_size_in_bytes}
+    sizes["total"] = sizes["arguments"] + sizes["temporaries"] + sizes["outputs"] - sizes["aliased"]
+    hlo = compiled.as_text()
+    per_call, per_iteration = collective_bytes(hlo)
+    kernels = sorted(set(_KERNEL.findall(hlo)))
+    return Report(name, seconds, sizes, per_call, per_iteration, kernels)
+
+
+def _gb(n: float) -> str:
+    return plan.si(n, "B")
+
+
+def format_report(r: Report, hbm: float) -> str:
+    b = r.bytes
+    lines = [f"{r.name}: compiled in {r.compile_s:.1f} s; per device {_gb(b['total'])} of {_gb(hbm)} "
+             f"(arguments {_gb(b['arguments'])}, temporaries {_gb(b['temporaries'])}, outputs {_gb(b['outputs'])}, "
+             f"aliased {_gb(b['aliased'])})"]
+    for label, c in (("collectives per call", r.collectives),
+                     ("per iteration of the run-time loops (decoding: per token)", r.per_iteration)):
+        if c:
+            lines.append(f"  {label}: " + ", ".join(f"{k} {_gb(v)}" for k, v in sorted(c.items())))
+    if r.kernels:
+        lines.append("  kernels: " + ", ".join(r.kernels))
+    return "\n".join(lines)
+
+
+def run(config: ml_collections.ConfigDict, slice_name: str) -> tuple[list[Report], float, dict, list[str]]:
+    """Reports for the three programs on `slice_name`, a device's HBM bytes, the mesh sizes, what does not fit."""
+    devices, chip, hbm = tpu_devices(slice_name)
+    try:
+        sizes = validate(config, num_devices=len(devices), num_processes=1)
+    except ValueError as e:
+        raise cli.UserError(cli.message(e)) from None
+    mesh = sharding.make_mesh(**config.mesh, devices=devices)
+    reports, too_big = [], []
+    for name, p in programs(config, mesh).items():
+        try:
+            reports.append(compile_one(name, *p, mesh))
+        except DoesNotFit as e:
+            too_big.append(str(e))
+    too_big += [f"{r.name} needs {_gb(r.bytes['total'])} per device, more than the {_gb(hbm)} of a {chip} device"
+                for r in reports if r.bytes["total"] > hbm]
+    return reports, hbm, sizes, too_big
+
+
+FLAGS = flags.FLAGS
+
+
+def main(config: ml_collections.ConfigDict, argv: list[str]) -> None:
+    del argv
+    if not FLAGS.topology:
+        raise cli.UserError("--topology is required, e.g. --topology=v5p-128")
+    reports, hbm, sizes, too_big = run(config, FLAGS.topology)
+    if FLAGS.json:
+        print(json.dumps({"topology": FLAGS.topology, "hbm_bytes": hbm, "mesh": sizes,
+                          "programs": [dataclasses.asdict(r) for r in reports], "does_not_fit": too_big}, indent=1))
+    else:
+        print(f"{config.name} on {FLAGS.topology}, mesh " + " ".join(f"{a}={s}" for a, s in sizes.items()))
+        for r in reports:
+            print(format_report(r, hbm))
+    for line in too_big:
+        print(f"does not fit: {line}", file=sys.stderr)
+    if too_big:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    # Eager work on the host's CPU; the TPU devices come from libtpu's compile-only client.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    flags.DEFINE_string("config", None, cli.CONFIG_HELP)
+    flags.DEFINE_string("topology", None, "TPU slice to compile for: v4-N, v5litepod-N / v5e-N, v5p-N, v6e-N")
+    flags.DEFINE_bool("json", False, "print the report as JSON")
+    cli.run(main)
