@@ -6,6 +6,7 @@ HF checkpoint (transformers) -> `convert hf-to-orbax` -> `zenjax.train --config.
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -21,7 +22,9 @@ from zenjax.models import Qwen3
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One CPU device (not the 8 simulated ones the test process has), the platforms jax finds (it must not report the
 # ones it does not), and the checkout importable from anywhere.
-ENV = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"} | {"XLA_FLAGS": "", "PYTHONPATH": ROOT}
+ENV = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"} | {
+    "XLA_FLAGS": re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")),
+    "PYTHONPATH": ROOT}
 # A two-step run: enough to prove it trains and checkpoints, short enough for the suite.
 SHORT = ["--config.steps=2", "--config.rl.sft_steps=0", "--config.rl.prompts_per_step=2", "--config.rl.group_size=2",
          "--config.rl.minibatches=1", "--config.eval_every=0", "--config.rl.max_new_tokens=4"]
