@@ -32,6 +32,21 @@ HLO = """
 %body.1 (p: (s32[], f32[8])) -> (s32[], f32[8]) {
   %ag = bf16[4,256]{1,0} all-gather(bf16[1,256]{1,0} %x), replica_groups={}
   %w2 = (s32[]) while((s32[]) %t), condition=%c2, body=%inner, backend_config={"known_trip_count":{"n":"3"}}
+  %w3 = (s32[]) while((s32[]) %t), condition=%scan_cond, body=%inner
+}
+%scan_cond (q: (s32[])) -> pred[] {
+  %p = (s32[]) parameter(0)
+  %i = s32[] get-tuple-element((s32[]) %p), index=0
+  %n = s32[] constant(5)
+  ROOT %lt = pred[] compare(s32[] %i, s32[] %n), direction=LT
+}
+%cond (q: (s32[], f32[8])) -> pred[] {
+  %p = (s32[], f32[8]) parameter(0)
+  %i = s32[] get-tuple-element((s32[], f32[8]) %p), index=0
+  %n = s32[] constant(7)
+  %lt = pred[] compare(s32[] %i, s32[] %n), direction=LT
+  %go = pred[] reduce(pred[8]{0} %done, pred[] %f), dimensions={0}, to_apply=%or
+  ROOT %both = pred[] and(pred[] %lt, pred[] %go)
 }
 %inner (q: (s32[])) -> (s32[]) {
   %ar = f32[16]{0} all-reduce(f32[16]{0} %y), to_apply=%sum
@@ -44,11 +59,12 @@ ENTRY %main (a: f32[8]) -> f32[8] {
 
 
 def test_collectives_per_call_and_per_iteration_of_a_run_time_loop():
-    # Hand-counted: the entry's reduce-scatter result (2*8 f32); each iteration of the run-time loop gathers
-    # 4*256 bf16 and runs a 3-trip loop of a 16-float all-reduce.
+    # Hand-counted: the entry's reduce-scatter result (2*8 f32). Each iteration of the loop that also stops on a
+    # reduction (its trip count known at run time only) gathers 4*256 bf16 and runs a 16-float all-reduce in a
+    # loop XLA knows runs 3 times and in a scan whose condition compares the counter with 5.
     per_call, per_iteration = zcompile.collective_bytes(HLO)
     assert per_call == {"reduce-scatter": 64}
-    assert per_iteration == {"all-gather": 2048, "all-reduce": 3 * 64}
+    assert per_iteration == {"all-gather": 2048, "all-reduce": (3 + 5) * 64}
 
 
 def test_a_tiny_moe_run_compiles_for_v5p_with_the_tpu_kernels():

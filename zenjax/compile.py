@@ -142,8 +142,10 @@ _SHAPE = re.compile(r"\b(pred|s4|s8|s16|s32|s64|u4|u8|u16|u32|u64|f8e\w+|bf16|f1
 _BITS = {"pred": 8, "c64": 64, "c128": 128, "f8": 8}
 _COMP = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$")
 _OP = re.compile(r"= (.+?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
-_WHILE = re.compile(r"\bwhile\(.*?body=%?([\w.\-]+)")
+_WHILE = re.compile(r"\bwhile\(.*?condition=%?([\w.\-]+), body=%?([\w.\-]+)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_OPCODE = re.compile(r"= [^=]*? ([a-z][a-z\-]*)\(")
+_CONST = re.compile(r"s32\[\]\S* constant\((\d+)\)")
 _KERNEL = re.compile(r'custom_call_target="tpu_custom_call".*?op_name="([^"]+)"')
 _CALLS = re.compile(r"\b(?:to_apply|calls|branch_computations|true_computation|false_computation)=\{?%?([\w.\-, %]+)\}?")
 
@@ -170,24 +172,34 @@ def collective_bytes(hlo: str) -> tuple[dict[str, int], dict[str, int]]:
         elif current is not None:
             comps[current].append(line)
 
+    def trip_count(line: str, condition: str) -> int | None:
+        """XLA's known trip count, or a scan's: a condition that only compares the counter with a constant."""
+        known = _TRIP.search(line)
+        if known:
+            return int(known.group(1))
+        body = comps.get(condition, [])
+        ops = {m.group(1) for m in map(_OPCODE.search, body) if m}
+        consts = [int(v) for v in _CONST.findall("\n".join(body))]
+        if ops <= {"parameter", "get-tuple-element", "constant", "compare"} and len(consts) == 1:
+            return consts[0]
+        return None  # e.g. the decode loop: it also stops when every row is done
+
     def total(name: str, seen=()) -> tuple[dict[str, int], dict[str, int]]:
         direct, loops = {}, {}
         for line in comps.get(name, ()):
             op = _OP.search(line)
             if op:
                 direct[op.group(2)] = direct.get(op.group(2), 0) + _nbytes(op.group(1))
-            body = _WHILE.search(line)
-            subs = [(body.group(1), line)] if body else []
-            subs += [(s.strip().lstrip("%"), None) for c in _CALLS.findall(line) for s in c.split(",")]
-            for sub, while_line in subs:
+            loop = _WHILE.search(line)
+            subs = [(loop.group(2), trip_count(line, loop.group(1)))] if loop else []
+            subs += [(s.strip().lstrip("%"), 1) for c in _CALLS.findall(line) for s in c.split(",")]
+            for sub, n in subs:
                 if sub in seen or sub not in comps:
                     continue
                 inner, inner_loops = total(sub, seen + (name,))
-                trip = _TRIP.search(while_line) if while_line else None
-                if while_line and not trip:  # a run-time-length loop: what one iteration moves
+                if n is None:  # a run-time-length loop: what one iteration moves
                     inner_loops = {k: inner_loops.get(k, 0) + v for k, v in inner.items()}
-                    inner = {}
-                n = int(trip.group(1)) if trip else 1
+                    inner, n = {}, 1
                 for k, v in inner.items():
                     direct[k] = direct.get(k, 0) + n * v
                 for k, v in inner_loops.items():
