@@ -22,6 +22,11 @@ def test_slice_names_map_to_topologies(name, want):
     assert zcompile.topology(name) == want
 
 
+def test_a_v4_device_is_a_chip():
+    devices, chip, hbm = zcompile.tpu_devices("v4-8")  # 8 TensorCores: 4 chips, one megacore device each
+    assert len(devices) == 4 and chip == "v4" and hbm == 32 * 2**30
+
+
 @pytest.mark.parametrize("name", ["v9-8", "v5p-12", "v5p-2", "tpu"])
 def test_unknown_slices_are_user_errors(name):
     with pytest.raises(cli.UserError, match="--topology"):
@@ -71,7 +76,7 @@ def test_a_tiny_moe_run_compiles_for_v5p_with_the_tpu_kernels():
     config = next_config.get_config("tiny")
     config.mesh.data, config.mesh.expert = 2, 2
     reports, hbm, sizes, too_big = zcompile.run(config, "v5p-8")
-    assert sizes == {"data": 2, "fsdp": 1, "expert": 2, "tensor": 1} and not too_big and hbm == 95e9
+    assert sizes == {"data": 2, "fsdp": 1, "expert": 2, "tensor": 1} and not too_big and hbm == 95 * 2**30
     by_name = {r.name: r for r in reports}
     assert list(by_name) == ["update", "old_logprobs", "sampler"]
     for r in reports:
@@ -83,12 +88,12 @@ def test_a_tiny_moe_run_compiles_for_v5p_with_the_tpu_kernels():
 
 
 def test_what_does_not_fit_is_named_with_the_capacity(monkeypatch):
-    # A chip of 10 kB: every program of the tiny run is over it, by XLA's own per-device figures.
+    # A chip of 10.7 kB: every program of the tiny run is over it, by XLA's own per-device figures.
     monkeypatch.setitem(zcompile.plan.CHIPS, "v5e", 1e-5)
     reports, hbm, _, too_big = zcompile.run(nano_config.get_config("tiny"), "v5e-4")
-    assert hbm == 1e4 and len(reports) == 3
+    assert hbm == 1e-5 * 2**30 and len(reports) == 3
     assert [line.split(" ")[0] for line in too_big] == ["update", "old_logprobs", "sampler"]
-    assert all("per device, more than the 10.0 kB of a v5e device" in line for line in too_big), too_big
+    assert all("per device, more than the 10.7 kB of a v5e device" in line for line in too_big), too_big
 
 
 def test_the_cli_rejects_an_unknown_slice_in_one_line(tmp_path):

@@ -31,7 +31,7 @@ from zenjax.config import model_config_from, validate
 from zenjax.models import Qwen3
 from zenjax.train_state import RLHyper, State, abstract_state, make_functions, make_optimizer
 
-GB = 1e9
+GIB = 2**30  # chips' HBM is quoted in GiB: XLA refused 16.0 GiB on a v5e for its 15.75 GiB available
 # Slice names count TensorCores on v4 / v5p (two per chip, a 3-D torus) and chips on v5e / v6e (a 2-D one).
 GENERATIONS = {"v4": ("v4", 2, 3), "v5p": ("v5p", 2, 3), "v5e": ("v5e", 1, 2), "v5litepod": ("v5e", 1, 2),
                "v6e": ("v6e", 1, 2)}
@@ -59,18 +59,20 @@ def topology(slice_name: str) -> tuple[str, str, int]:
 
 
 def tpu_devices(slice_name: str) -> tuple[list, str, float]:
-    """The slice's compile-only devices, its chip and each device's HBM in bytes (v4 gives a device per core)."""
+    """The slice's compile-only devices, its chip and each device's HBM in bytes."""
     name, chip, chips = topology(slice_name)
     # Compile-only: no chip is opened, so libtpu's one-process-per-host lock need not hold (tests, parallel runs).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         from jax.experimental import topologies  # noqa: PLC0415
 
-        devices = topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+        # v4 runs its two TensorCores per chip as one device (megacore), as v4 jobs do.
+        extra = {"chip_config_name": "megacore"} if chip == "v4" else {}
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=name, **extra).devices
     except (ImportError, RuntimeError, ValueError) as e:
         raise cli.UserError(f"cannot get the {slice_name} devices from libtpu ({cli.message(e)[:200]}); install it "
                             f'with pip install -e ".[tpu]" (jax[tpu] of the installed jax version)') from None
-    return devices, chip, plan.CHIPS[chip] * GB * chips / len(devices)
+    return devices, chip, plan.CHIPS[chip] * GIB * chips / len(devices)
 
 
 # ------------------------------------------------------------------------------------------- the programs
