@@ -58,7 +58,7 @@ def iteration(cfg: Qwen3Config, repeats: int):
         for it in range(repeats + 1):  # the first iteration compiles
             t0 = time.perf_counter()
             batch, metrics, _ = rollout.collect(state.model(), items, IdsTokenizer(), config.rl, {"math": 1.0},
-                                                jax.random.key(it))
+                                                jax.random.key(it), prompt_len=PROMPT)
             t1 = time.perf_counter()
             old_logp, _, routing = logprobs_fn(state.params, batch["tokens"], batch["mask"])
             batch["old_logp"] = np.asarray(old_logp)

@@ -35,6 +35,7 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     m.router_z_loss_coef = 0.0  # ST-MoE router z-loss coefficient
     m.moe_impl = "ragged"  # "ragged" dropless grouped matmul; "reference" runs every expert (tests only)
     m.balance_global_batch = False  # balance over the global batch instead of each micro-batch
+    m.kernels = "auto"  # "auto": the kernels of the mesh devices' platform; "cpu" / "tpu" / "gpu" forces them
     m.update(overrides)
     return m
 

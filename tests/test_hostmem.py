@@ -25,6 +25,24 @@ def test_nothing_to_change():
     assert hostmem.tunables_with_huge_pages(None, MADVISE, ("", "")) is None  # musl, macOS
 
 
+@pytest.mark.parametrize("files, platforms, cpu", [
+    ((), None, True), (("accel0",), None, False), (("vfio/0", "vfio/vfio"), None, False), (("nvidia0",), None, False),
+    (("kfd",), None, False), (("vfio/vfio",), None, True),  # the VFIO control file alone is no TPU
+    (("accel0",), "cpu", True), ((), "tpu,cpu", False), ((), "cuda", False)])
+def test_cpu_tuning_only_where_jax_runs_on_cpus(tmp_path, files, platforms, cpu):
+    for name in files:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).touch()
+    assert hostmem.runs_on_cpu(platforms, dev=str(tmp_path)) is cpu
+
+
+def test_no_reexec_on_accelerator_hosts(monkeypatch):
+    monkeypatch.setattr(hostmem, "runs_on_cpu", lambda platforms: False)
+    monkeypatch.setattr(hostmem, "tunables_with_huge_pages", lambda *a: "glibc.malloc.hugetlb=1")
+    monkeypatch.setattr(os, "execv", lambda *a: pytest.fail("re-executed on an accelerator host"))
+    hostmem.reexec_with_huge_pages()
+
+
 def test_reexec_keeps_the_command_line_and_runs_once():
     script = ("import os, sys; from zenjax import hostmem; print('start', flush=True); "
               "hostmem.reexec_with_huge_pages(); print(os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])")

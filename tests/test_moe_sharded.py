@@ -1,4 +1,6 @@
 """The MoE model on 8 simulated devices: expert parallel, FSDP, tensor and data meshes all equal one device."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,12 +58,28 @@ def placed_model(split_model, mesh):
 @pytest.mark.parametrize("axes", [dict(data=8), dict(data=2, expert=4), dict(data=1, expert=8),
                                   dict(fsdp=4, tensor=2), dict(data=2, fsdp=2, expert=2)], ids=str)
 def test_sharded_logits_and_gradients_equal_single_device(split_model, single_device, axes):
+    _check_sharded(split_model, single_device, axes)
+
+
+@pytest.mark.parametrize("axes", [dict(data=2, expert=4), dict(fsdp=2, expert=2, tensor=2)], ids=str)
+def test_the_accelerator_expert_kernel_under_expert_parallelism(single_device, axes):
+    # What TPU and GPU meshes run, forced on the CPU devices: ragged_dot (megablox on TPU) inside the
+    # expert-parallel shard_map, against the single-device CPU kernel, values and gradients.
+    split = nnx.split(nnx.jit(lambda: Qwen3(dataclasses.replace(CFG, kernels="tpu"), rngs=nnx.Rngs(0)))())
+    jaxpr = _check_sharded(split, single_device, axes)
+    assert "ragged_dot_general" in jaxpr and "shard_map" in jaxpr
+
+
+def _check_sharded(split_model, single_device, axes) -> str:
+    """Asserts logits and gradients on `axes` equal one device's; returns the step's jaxpr."""
     want_logits, want_grads = single_device
     mesh = sharding.make_mesh(**axes)
     with jax.set_mesh(mesh):
         model = placed_model(split_model, mesh)
         batch = sharding.named(mesh, ("batch", None))
-        (_, logits), grads = step(model, jax.device_put(TOKENS, batch), jax.device_put(MASK, batch))
+        tokens, mask = jax.device_put(TOKENS, batch), jax.device_put(MASK, batch)
+        (_, logits), grads = step(model, tokens, mask)
+        jaxpr = str(jax.make_jaxpr(nnx.value_and_grad(loss_fn, has_aux=True))(model, tokens, mask))
     np.testing.assert_allclose(np.asarray(logits)[MASK], want_logits[MASK], atol=1e-5)
     got = flat(grads)
     assert got.keys() == want_grads.keys()
@@ -71,6 +89,7 @@ def test_sharded_logits_and_gradients_equal_single_device(split_model, single_de
     for name in ("gate", "up", "down"):
         w = nnx.state(model)["stacks"][0]["mlp"][name][...]  # [layers, experts, ...]
         assert {s.data.shape[1] for s in w.addressable_shards} == {CFG.num_experts // n_ep}
+    return jaxpr
 
 
 def test_batch_that_does_not_divide_the_mesh_routes_on_replicated_tokens(split_model, single_device):

@@ -76,6 +76,27 @@ def test_greedy_equals_transformers_and_samples_share_the_prompt(models, greedy)
     assert _generate._cache_size() == compiled
 
 
+def test_the_accelerators_scanned_decode_equals_transformers(tmp_path_factory, models, greedy):
+    # TPUs and GPUs decode with the layers' weights sliced from the scanned stack in place (CPU unstacks them
+    # first); forced here on the CPU, greedy tokens must equal transformers' and log-probs the CPU path's.
+    ref, model, _ = models
+    kw, _, _ = greedy
+    path = tmp_path_factory.mktemp("qwen3_tpu_paths")
+    ref.save_pretrained(path, safe_serialization=True)
+    scanned = load_hf(str(path), dtype="float32", kernels="tpu")
+    jaxpr = str(jax.make_jaxpr(lambda m: sample(m, PROMPTS, **kw))(scanned))
+    assert "scan" in jaxpr.split("while[")[-1]  # the decode loop's body runs the layers as a scan
+    out = sample(scanned, PROMPTS, **kw)
+    want = _hf_greedy(ref, PROMPTS, 12, eos=kw["eos_ids"][0])
+    mask = np.asarray(out.mask)
+    for i in range(len(PROMPTS)):
+        n = int(mask[2 * i].sum())
+        np.testing.assert_array_equal(np.asarray(out.tokens)[2 * i, :n], want[i, :n])
+    cpu = sample(model, PROMPTS, **kw)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(cpu.tokens))
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(cpu.logprobs), atol=1e-5)
+
+
 def test_logprobs_are_the_raw_model_distribution(models):
     _, _, sharp = models
     # Tempered, top-k-truncated sampling; the recorded log-probs are still those of the raw model.
@@ -208,6 +229,8 @@ def test_clear_errors(models):
         sample(model, [[1, 2], [3, 96]], **kw)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         sample(model, [[-1]], **kw)
+    with pytest.raises(ValueError, match="prompt of 5 tokens is longer than prompt_len=4"):
+        sample(model, [[1] * 5, [2]], prompt_len=4, **kw)
     with pytest.raises(ValueError, match="does not fit cache_len=16"):
         sample(model, [[1] * 13], cache_len=16, **kw)
     with pytest.raises(ValueError, match="exceeds max_position_embeddings=128"):

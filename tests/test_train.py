@@ -103,11 +103,13 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path):
         assert all(json.loads(line)["step"] <= 3 for line in f)
 
 
-def test_jsonl_prompts_with_an_hf_tokenizer_and_the_math_reward(tmp_path):
+def test_jsonl_prompts_with_an_hf_tokenizer_and_the_math_reward(tmp_path, monkeypatch, caplog):
     from tests.test_tokenizer import _save_bpe  # noqa: PLC0415 - the tiny BPE with a chat template
 
     _save_bpe(tmp_path / "tok")
-    lines = [{"id": f"q{i}", "prompt": [{"role": "user", "content": f"what is {a} plus {b}"}], "answer": str(a + b)}
+    # Some questions are long, so that the longest prompt of a step changes from step to step.
+    lines = [{"id": f"q{i}", "prompt": [{"role": "user", "content": f"what is {a} plus {b}" + " please" * (i % 3 == 0) * 12}],
+              "answer": str(a + b)}
              for i, (a, b) in enumerate([(1, 2), (3, 4), (2, 2), (5, 1), (4, 4), (3, 3), (1, 1), (2, 5)] * 3)]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
     c = _tiny(nano_config, 2)
@@ -115,8 +117,23 @@ def test_jsonl_prompts_with_an_hf_tokenizer_and_the_math_reward(tmp_path):
     c.model.max_position_embeddings = 256
     c.data.source = str(tmp_path / "train.jsonl")
     c.data.eval_size = 4
-    c.data.max_prompt_len = 64
-    hist = train.train(c, str(tmp_path / "run"))
+    c.data.max_prompt_len = 96
+    longest, collect = [], train.rollout.collect
+    monkeypatch.setattr(train.rollout, "collect",
+                        lambda model, items, *a, **k: longest.append(max(len(it["prompt_ids"]) for it in items))
+                        or collect(model, items, *a, **k))
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level("WARNING", logger="jax._src.interpreters.pxla"):
+            hist = train.train(c, str(tmp_path / "run"))
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    # Prompts are padded to data.max_prompt_len, so the sampler, the log-prob pass and the update compile once
+    # although the steps' longest prompts need different 32-token buckets (a recompile each, before).
+    assert len({-(-n // 32) for n in longest}) == 2, longest
+    compiled = [r.args[0] for r in caplog.records if r.msg.startswith("Compiling %s")]
+    assert compiled.count("jit(update)") == 1 and compiled.count("jit(logprobs)") == 1, compiled
+    assert compiled.count("jit(_generate)") == 2, compiled  # sampling and the greedy evaluation
     assert [h["step"] for h in hist] == [1, 2]
     # A from-scratch model's vocabulary follows its tokenizer, rounded up as real checkpoints pad it.
     assert json.loads((tmp_path / "run" / "config.json").read_text())["vocab_size"] == 384

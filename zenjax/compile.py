@@ -5,9 +5,11 @@
 libtpu's compile-only client (`pip install -e ".[tpu]"`) gives the slice's devices on a host without TPUs. The
 mesh is built over them, and the three programs of a GSPO step are lowered from abstract sharded inputs (no
 weight is allocated) and compiled for TPU: the minibatch update, the old-log-prob pass over the whole rollout
-batch and the sampler (prefill + decode loop). For each: the compile time, XLA's per-chip bytes against the
-chip's HBM, and the bytes each kind of collective moves per chip, per call and per iteration of the loops whose
-trip count is only known at run time (the decode loop: what every generated token moves).
+batch and the sampler (prefill + decode loop). For each: the compile time; XLA's per-chip bytes, plus the
+optimizer state a run keeps in HBM while the log-prob pass and the sampler run, against the chip's HBM; and the
+bytes of the results of each kind of collective per chip, per call and per iteration of the loops whose trip count
+is only known at run time (the decode loop: what every generated token moves). Result bytes are what a device
+ends up holding, not ring traffic: an all-gather's result is the whole gathered array.
 """
 from __future__ import annotations
 
@@ -61,8 +63,11 @@ def topology(slice_name: str) -> tuple[str, str, int]:
 def tpu_devices(slice_name: str) -> tuple[list, str, float]:
     """The slice's compile-only devices, its chip and each device's HBM in bytes."""
     name, chip, chips = topology(slice_name)
-    # Compile-only: no chip is opened, so libtpu's one-process-per-host lock need not hold (tests, parallel runs).
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # Compile-only: no chip is opened, so libtpu's one-process-per-host lock need not hold (tests, parallel runs);
+    # the rest is what a TPU VM's metadata server would say, which libtpu otherwise asks for and complains about.
+    for var, value in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"), ("TPU_SKIP_MDS_QUERY", "1"),
+                       ("TPU_ACCELERATOR_TYPE", slice_name), ("TPU_WORKER_HOSTNAMES", "localhost")):
+        os.environ.setdefault(var, value)
     try:
         from jax.experimental import topologies  # noqa: PLC0415
 
@@ -82,7 +87,8 @@ def _sds(shape, dtype, sh):
 
 
 def programs(config: ml_collections.ConfigDict, mesh) -> dict:
-    """name -> (jitted function, abstract args, static kwargs) for the update, log-prob pass and sampler."""
+    """name -> (jitted function, abstract args, static kwargs, bytes per device held by the run outside the
+    program's arguments) for the update, the log-prob pass and the sampler."""
     cfg = model_config_from(config.model)
     rl = config.rl
     tx, schedule = make_optimizer(config.optim, config.steps * rl.minibatches // config.optim.grad_accum)
@@ -92,7 +98,7 @@ def programs(config: ml_collections.ConfigDict, mesh) -> dict:
     hyper = RLHyper(rl.loss, rl.eps_low, rl.eps_high, rl.kl_coef, rl.logprob_chunk, completion_len=rl.max_new_tokens)
     logprobs, update = make_functions(state, cfg, tx, hyper, mesh, schedule)
 
-    prompt_len = -(-config.data.max_prompt_len // sampling.BUCKET) * sampling.BUCKET
+    prompt_len = config.data.max_prompt_len  # the trainer pads every prompt to it
     T = prompt_len + rl.max_new_tokens
     rows, mb = rl.prompts_per_step * rl.group_size, rl.prompts_per_step * rl.group_size // rl.minibatches
     rows_sh = lambda ndim: sharding.batch_sharding(mesh, ndim)  # noqa: E731
@@ -120,11 +126,12 @@ def programs(config: ml_collections.ConfigDict, mesh) -> dict:
                     _sds((), jnp.int32, replicated))
     sampler_kw = dict(num_samples=rl.group_size, max_new=rl.max_new_tokens, cache_len=T, greedy=False,
                       top_k=rl.top_k, use_top_p=rl.top_p < 1, eos_ids=(0,), vocab_limit=None)
+    opt_bytes = plan.device_bytes(abs_opt)  # in HBM all along, an argument of the update only
     return {
-        "update": (update, (abs_params, abs_opt, minibatch, counts), {}),
+        "update": (update, (abs_params, abs_opt, minibatch, counts), {}, 0),
         "old_logprobs": (logprobs, (abs_params, _sds((rows, T), jnp.int32, rows_sh(2)),
-                                    _sds((rows, T), jnp.bool_, rows_sh(2))), {}),
-        "sampler": (sampling._generate, sampler_args, sampler_kw),
+                                    _sds((rows, T), jnp.bool_, rows_sh(2))), {}, opt_bytes),
+        "sampler": (sampling._generate, sampler_args, sampler_kw, opt_bytes),
     }
 
 
@@ -134,9 +141,10 @@ def programs(config: ml_collections.ConfigDict, mesh) -> dict:
 class Report:
     name: str
     compile_s: float
-    bytes: dict[str, int]  # arguments, temporaries, outputs, aliased, total: per chip
-    collectives: dict[str, int]  # kind -> bytes per chip per call (loops of unknown length counted once)
-    per_iteration: dict[str, int]  # kind -> bytes per chip per iteration of the run-time-length loops
+    bytes: dict[str, int]  # per device: arguments, temporaries, outputs, aliased, resident (optimizer state held
+    # outside the program's arguments) and total (what the device needs while the program runs)
+    collectives: dict[str, int]  # kind -> result bytes per device per call (run-time-length loops excluded)
+    per_iteration: dict[str, int]  # kind -> result bytes per device per iteration of the run-time-length loops
     kernels: list[str]  # the Pallas / Mosaic kernels the program calls (e.g. ragged-dot on TPU)
 
 
@@ -215,7 +223,7 @@ class DoesNotFit(Exception):
     """XLA's TPU compiler refused a program for want of HBM."""
 
 
-def compile_one(name: str, fn, args, kwargs, mesh) -> Report:
+def compile_one(name: str, fn, args, kwargs, resident: int, mesh) -> Report:
     t = time.perf_counter()
     try:
         with jax.set_mesh(mesh):
@@ -227,8 +235,8 @@ def compile_one(name: str, fn, args, kwargs, mesh) -> Report:
     seconds = time.perf_counter() - t
     m = compiled.memory_analysis()
     sizes = {"arguments": m.argument_size_in_bytes, "temporaries": m.temp_size_in_bytes,
-             "outputs": m.output_size_in_bytes, "aliased": m.alias_size_in_bytes}
-    sizes["total"] = sizes["arguments"] + sizes["temporaries"] + sizes["outputs"] - sizes["aliased"]
+             "outputs": m.output_size_in_bytes, "aliased": m.alias_size_in_bytes, "resident": resident}
+    sizes["total"] = sum(sizes[k] for k in ("arguments", "temporaries", "outputs", "resident")) - sizes["aliased"]
     hlo = compiled.as_text()
     per_call, per_iteration = collective_bytes(hlo)
     kernels = sorted(set(_KERNEL.findall(hlo)))
@@ -243,8 +251,9 @@ def format_report(r: Report, hbm: float) -> str:
     b = r.bytes
     lines = [f"{r.name}: compiled in {r.compile_s:.1f} s; per device {_gb(b['total'])} of {_gb(hbm)} "
              f"(arguments {_gb(b['arguments'])}, temporaries {_gb(b['temporaries'])}, outputs {_gb(b['outputs'])}, "
-             f"aliased {_gb(b['aliased'])})"]
-    for label, c in (("collectives per call", r.collectives),
+             f"aliased {_gb(b['aliased'])}" + (f", optimizer state held {_gb(b['resident'])}" if b["resident"] else "")
+             + ")"]
+    for label, c in (("collective results per call", r.collectives),
                      ("per iteration of the run-time loops (decoding: per token)", r.per_iteration)):
         if c:
             lines.append(f"  {label}: " + ", ".join(f"{k} {_gb(v)}" for k, v in sorted(c.items())))
@@ -259,7 +268,7 @@ def run(config: ml_collections.ConfigDict, slice_name: str) -> tuple[list[Report
     try:
         sizes = validate(config, num_devices=len(devices), num_processes=1)
     except ValueError as e:
-        raise cli.UserError(cli.message(e)) from None
+        raise cli.UserError(f"{slice_name} ({len(devices)} {chip} devices): {cli.message(e)}") from None
     mesh = sharding.make_mesh(**config.mesh, devices=devices)
     reports, too_big = [], []
     for name, p in programs(config, mesh).items():
@@ -295,7 +304,7 @@ def main(config: ml_collections.ConfigDict, argv: list[str]) -> None:
 
 if __name__ == "__main__":
     # Eager work on the host's CPU; the TPU devices come from libtpu's compile-only client.
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    jax.config.update("jax_platforms", "cpu")
     flags.DEFINE_string("config", None, cli.CONFIG_HELP)
     flags.DEFINE_string("topology", None, "TPU slice to compile for: v4-N, v5litepod-N / v5e-N, v5p-N, v6e-N")
     flags.DEFINE_bool("json", False, "print the report as JSON")

@@ -14,7 +14,7 @@ from zenjax.rl import losses, rewards
 
 # How to run the model rather than what it is: these override an HF config.json.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "moe_impl", "router_aux_loss_coef", "router_z_loss_coef",
-                  "balance_global_batch")
+                  "balance_global_batch", "kernels")
 BATCH_AXES = ("data", "fsdp", "expert")  # mesh axes that split the batch (sharding.RULES["batch"])
 
 

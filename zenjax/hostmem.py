@@ -6,17 +6,29 @@ page by page: ~330k page faults, a sixth of a CPU train step. With glibc's `glib
 malloc asks for transparent huge pages (kernel THP mode `madvise`): 512x fewer faults, and fewer TLB misses when
 decoding streams the weights. glibc reads tunables once, at start-up, hence the re-execution.
 
-`keep_freed_memory` goes further for the RL loop, whose phases alternate: see there.
+`keep_freed_memory` goes further for the RL loop, whose phases alternate: see there. Both apply only to runs
+whose devices are CPUs: TPU VMs and GPU nodes keep malloc's defaults and are never re-executed.
 """
 from __future__ import annotations
 
 import ctypes
+import glob
 import os
 import platform
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb"
 THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+# Device files of accelerators JAX would use: TPU chips (v4/v5e: accel, v5p/v6e: vfio), NVIDIA and AMD GPUs.
+ACCELERATORS = ("accel[0-9]*", "vfio/[0-9]*", "nvidia[0-9]*", "kfd")
+
+
+def runs_on_cpu(platforms: str | None, dev: str = "/dev") -> bool:
+    """Whether JAX will run this process on CPUs: `platforms` (JAX_PLATFORMS) names cpu first, or it is unset
+    and the host has no accelerator. Decided before JAX starts, as the tuning must be."""
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    return not any(glob.glob(os.path.join(dev, pattern)) for pattern in ACCELERATORS)
 
 
 def tunables_with_huge_pages(current: str | None, thp_mode: str, libc: tuple[str, str]) -> str | None:
@@ -34,6 +46,8 @@ def tunables_with_huge_pages(current: str | None, thp_mode: str, libc: tuple[str
 def reexec_with_huge_pages() -> None:
     """Re-execute this process (same command line, same pid) with huge-page malloc, where it helps. Entry points
     call it first thing, before any work: state built before it is lost."""
+    if not runs_on_cpu(os.environ.get("JAX_PLATFORMS")):
+        return
     try:
         with open(THP_MODE) as f:
             thp_mode = f.read()
@@ -67,8 +81,10 @@ def keep_freed_memory() -> None:
     `jax.distributed.initialize`. Accelerator runs keep malloc's defaults."""
     import jax  # noqa: PLC0415 - not before the re-execution, which would import it twice
 
+    if not runs_on_cpu(jax.config.jax_platforms):
+        return
     jax.config.update("jax_cpu_enable_async_dispatch", False)
-    if jax.default_backend() != "cpu" or platform.libc_ver()[0] != "glibc":
+    if platform.libc_ver()[0] != "glibc":
         return
     libc = ctypes.CDLL(None)
     libc.mallopt(M_MMAP_MAX, 0)

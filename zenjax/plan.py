@@ -24,12 +24,13 @@ t = mesh.tensor.
   Saved: all L layers without remat; with remat only each layer's input (E b), the layer being differentiated
   is recomputed. On top, the backward's working set: 1.5 layers, or the LM-head chunk (float32 logits and their
   gradient for rl.logprob_chunk positions) when that is larger. The constants follow XLA's buffer assignment
-  for small float32 models on CPU (training within ~15%, the forward within ~50%; tests/test_plan.py); for
-  bfloat16 on TPU treat them as an estimate.
+  for small float32 models on CPU (training within ~15%, the forward within ~50%; tests/test_plan.py). XLA's TPU
+  programs agree within 2x (tests/test_compile.py); `python -m zenjax.compile` gives their exact figures.
 - Per device: params, gradients and optimizer state are summed over shard shapes of the real train state.
   Peak = params + optimizer state + the largest of (gradients + training activations), the old-log-prob forward
   over the whole rollout batch (one layer's scores and half its other terms, or one chunk of float32 logits,
-  live; plus the hidden states) and the rollout KV cache (2 L S K D b per sequence).
+  live; plus the hidden states) and the rollout KV cache (2 L S K D b per sequence). The sampler's other
+  temporaries (prefill activations, weights gathered for decoding) are not modelled: the compile tool has them.
 """
 from __future__ import annotations
 
@@ -289,6 +290,7 @@ def format_plan(p: Plan, hf_model_id: str = "") -> str:
     ]
     if p.chip:
         lines.append(f"{p.chip}: {CHIPS[p.chip]} GB per chip, peak uses {p.peak / (CHIPS[p.chip] * GB):.0%}")
+    lines.append("not modelled: the sampler's prefill and gathered weights (python -m zenjax.compile has them)")
     lines += [f"WARNING: {w}" for w in p.warnings()]
     return "\n".join(lines)
 

@@ -1,7 +1,7 @@
 """Batched generation with a KV cache: one prefill per distinct prompt, then a decode loop inside jit.
 
-`sample` validates on the host and left-pads the prompts to a length bucket, so new prompt lengths rarely
-recompile. The jitted function prefills the P prompts once, repeats the cache `num_samples` times along the
+`sample` validates on the host and left-pads the prompts to a fixed length or a length bucket, so new prompt
+lengths need not recompile. The jitted function prefills the P prompts once, repeats the cache `num_samples` times along the
 batch, and runs a `lax.while_loop` that stops when every row has emitted an EOS or the budget is spent.
 
 `logprobs` are log-probabilities under the raw model distribution (temperature 1, no top-k/top-p truncation),
@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from zenjax.models.qwen3 import KVCache, LayerCache, Qwen3
-from zenjax.sharding import constrain, platform
+from zenjax.sharding import constrain
 
 BUCKET = 32  # prompts are left-padded to a multiple of this many tokens
 
@@ -36,13 +36,15 @@ class SampleOutput(NamedTuple):
 def sample(model: Qwen3, prompts: Sequence[Sequence[int]], *, num_samples: int = 1, max_new_tokens: int,
            rng: jax.Array | None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            eos_ids: Sequence[int] = (), pad_id: int = 0, greedy: bool = False,
-           cache_len: int | None = None, vocab_limit: int | None = None) -> SampleOutput:
+           prompt_len: int | None = None, cache_len: int | None = None,
+           vocab_limit: int | None = None) -> SampleOutput:
     """Generate `num_samples` completions of up to `max_new_tokens` tokens for each prompt.
 
     Sampling draws from softmax(logits / temperature) restricted to the `top_k` most likely tokens (0 = all)
     and then to the smallest set whose probability reaches `top_p` (transformers' order and rule); `greedy`
-    takes the argmax. `cache_len` fixes the KV-cache length (default: padded prompt + max_new_tokens), so
-    callers with varying prompt lengths can share one compiled function. `vocab_limit` (the tokenizer's size)
+    takes the argmax. `prompt_len` left-pads every prompt to exactly that many tokens (default: the longest,
+    rounded up to a multiple of BUCKET) and `cache_len` fixes the KV-cache length (default: padded prompt +
+    max_new_tokens), so that callers with varying prompt lengths share one compiled function. `vocab_limit` (the tokenizer's size)
     keeps ids the model's padded vocabulary has but the tokenizer lacks from being sampled.
 
     One compilation serves every call with the same model structure, padded shapes and static settings
@@ -80,7 +82,9 @@ def sample(model: Qwen3, prompts: Sequence[Sequence[int]], *, num_samples: int =
     if longest + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"sample: prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
                          f"max_position_embeddings={cfg.max_position_embeddings}")
-    padded = -(-longest // BUCKET) * BUCKET
+    padded = -(-longest // BUCKET) * BUCKET if prompt_len is None else prompt_len
+    if longest > padded:
+        raise ValueError(f"sample: prompt of {longest} tokens is longer than prompt_len={prompt_len}")
     if cache_len is None:
         cache_len = padded + max_new_tokens
     elif longest + max_new_tokens > cache_len:
@@ -118,14 +122,16 @@ def _choose(logits_NV, key, temperature, top_p, *, greedy: bool, top_k: int, use
 def _categorical(x_NV, key, width: int = 256):
     """One draw per row from softmax(x_NV) (-inf excluded), by inverting its CDF at one uniform per row: first
     over the cumulative masses of chunks of `width` ids, then inside the chosen chunk. The cumulative sums are
-    matmuls with a triangular ones matrix. (Gumbel-max noise for the whole [N, V] costs ~7% of a decode step;
-    this costs one exp per logit.)"""
+    matmuls with a triangular ones matrix, at float32 precision: TPUs run default-precision float32 matmuls on
+    bfloat16 operands, whose 8-bit mantissas would move the draw. (Gumbel-max noise for the whole [N, V] costs
+    ~7% of a decode step; this costs one exp per logit.)"""
     N, V = x_NV.shape
     W = min(width, V)
     C = -(-V // W)
     p_NV = jnp.exp(x_NV - jnp.max(x_NV, axis=-1, keepdims=True))
     p_NCW = jnp.pad(p_NV, ((0, 0), (0, C * W - V))).reshape(N, C, W)
-    cumsum = lambda a_NK: a_NK @ jnp.triu(jnp.ones((a_NK.shape[-1],) * 2, a_NK.dtype))  # noqa: E731
+    cumsum = lambda a_NK: jnp.matmul(a_NK, jnp.triu(jnp.ones((a_NK.shape[-1],) * 2, a_NK.dtype)),  # noqa: E731
+                                     precision=jax.lax.Precision.HIGHEST)
     cum_NC = cumsum(jnp.sum(p_NCW, axis=-1))
     u_N = jax.random.uniform(key, (N,), cum_NC.dtype) * cum_NC[:, -1]
     c_N = _first_above(cum_NC, u_N)
@@ -187,7 +193,7 @@ def _generate(graphdef, state, prompt_PL, pmask_PL, rng, temperature, top_p, pad
                           for c in out.cache.layers),
                     rep(out.cache.valid_BS, axis=0), out.cache.index)
     layers = None
-    if platform() == "cpu":  # see Qwen3.unstack_layers; accelerators slice scanned weights in place
+    if model.cfg.kernel_platform() == "cpu":  # see Qwen3.unstack_layers; accelerators slice scanned weights in place
         layers, cache = model.unstack_layers(), cache.unstack()
     next_pos_N = rep(pmask_PL.sum(axis=1, dtype=jnp.int32), axis=0)  # position of the first new token
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)

@@ -109,7 +109,8 @@ def mesh_sizes(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
                              f"({show})")
         sizes[fill[0]] = num_devices // fixed
     elif fixed != num_devices:
-        raise ValueError(f"mesh {show} has {fixed} devices but there are {num_devices}")
+        raise ValueError(f"mesh {show} has {fixed} devices but there are {num_devices}: make the product of "
+                         f"the mesh axes {num_devices}, or set one of them to -1")
     return sizes
 
 

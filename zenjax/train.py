@@ -77,7 +77,8 @@ def _sft_batch(items, tokenizer):
 
 
 def evaluate(state: State, items, tokenizer, config, rng) -> float:
-    out = rollout.generate(state.model(), items, tokenizer, config.rl, rng, num_samples=1, greedy=True)
+    out = rollout.generate(state.model(), items, tokenizer, config.rl, rng, num_samples=1, greedy=True,
+                           prompt_len=config.data.max_prompt_len)
     r, _ = rewards.score(rollout.decode(tokenizer, out), items, dict(config.rewards))
     return float(np.mean(r))
 
@@ -112,6 +113,7 @@ def setup(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
         # same data-iterator state, which then resumes on any number of processes. Each scores its rows.
         loader = PromptLoader(config.data, tokenizer, batch_size=config.rl.prompts_per_step, seed=config.seed)
         held_out = [dict(it, prompt_ids=tokenizer.encode_prompt(it["prompt"])) for it in eval_items(config.data)]
+        held_out = [it for it in held_out if len(it["prompt_ids"]) <= config.data.max_prompt_len]  # as in training
     except (ValueError, KeyError, OSError) as e:
         raise cli.UserError(cli.message(e)) from None
     return Setup(config, tokenizer, loader, held_out)
@@ -171,7 +173,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             t0 = time.perf_counter()
             items = next(loader)
             rng = jax.random.fold_in(key, step)
-            batch, metrics, _ = rollout.collect(state.model(), items, tokenizer, rl, config.rewards, rng, rows)
+            batch, metrics, _ = rollout.collect(state.model(), items, tokenizer, rl, config.rewards, rng,
+                                                prompt_len=config.data.max_prompt_len, rows=rows)
             t1 = time.perf_counter()
             sampler_logp = batch.pop("sampler_logp")
             batch = _put(batch, mesh)

@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from zenjax.models.qwen3 import Qwen3Config, param
-from zenjax.sharding import RULES, logical_to_spec, platform
+from zenjax.sharding import RULES, logical_to_spec
 
 F32 = jnp.float32
 GATE_AXES = ("experts", "embed", "expert_mlp")  # also up
@@ -54,8 +54,11 @@ class MoEBlock(nnx.Module):
         if cfg.norm_topk_prob:
             w_BTK = w_BTK / jnp.sum(w_BTK, axis=-1, keepdims=True)
         weights = tuple(_cast(p.get_value(), dt) for p in (self.gate, self.up, self.down))
-        experts = _reference if cfg.moe_impl == "reference" else _sharded_experts
-        y_BTE = experts(x_BTE.astype(dt), idx_BTK, w_BTK, *weights)
+        if cfg.moe_impl == "reference":
+            y_BTE = _reference(x_BTE.astype(dt), idx_BTK, w_BTK, *weights)
+        else:  # the grouped-matmul kernel of accelerators (megablox on TPU); XLA:CPU runs blocks of rows faster
+            kernel = "blocked" if cfg.kernel_platform() == "cpu" else "ragged_dot"
+            y_BTE = _sharded_experts(x_BTE.astype(dt), idx_BTK, w_BTK, *weights, kernel=kernel)
         return y_BTE, _router_aux(logits_BTX, probs_BTX, idx_BTK, mask_BT)
 
     def split_experts(self):
@@ -123,11 +126,11 @@ def _mesh_axes(entry) -> tuple[str, ...]:
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def _sharded_experts(x_BTE, idx_BTK, w_BTK, gate_XEF, up_XEF, down_XFE):
+def _sharded_experts(x_BTE, idx_BTK, w_BTK, gate_XEF, up_XEF, down_XFE, *, kernel: str):
     mesh = jax.sharding.get_abstract_mesh()
     if _on_one_device(mesh):
         y_NE = _local_experts(x_BTE.reshape(-1, x_BTE.shape[-1]), idx_BTK.reshape(-1, idx_BTK.shape[-1]),
-                              w_BTK.reshape(-1, w_BTK.shape[-1]), gate_XEF, up_XEF, down_XFE, 0)
+                              w_BTK.reshape(-1, w_BTK.shape[-1]), gate_XEF, up_XEF, down_XFE, 0, kernel)
         return y_NE.reshape(x_BTE.shape)
 
     gate_spec, down_spec = logical_to_spec(GATE_AXES), logical_to_spec(DOWN_AXES)
@@ -156,7 +159,7 @@ def _sharded_experts(x_BTE, idx_BTK, w_BTK, gate_XEF, up_XEF, down_XFE):
         if gather_ep:
             x_NE, idx_NK, w_NK = (jax.lax.all_gather(a, gather_ep, axis=0, tiled=True) for a in (x_NE, idx_NK, w_NK))
         first = jax.lax.axis_index(ep) * gate_XEF.shape[0] if ep else 0
-        y_NE = _local_experts(x_NE, idx_NK, w_NK, gate_XEF, up_XEF, down_XFE, first)
+        y_NE = _local_experts(x_NE, idx_NK, w_NK, gate_XEF, up_XEF, down_XFE, first, kernel)
         if gather_ep:
             y_NE = jax.lax.psum_scatter(y_NE, gather_ep, scatter_dimension=0, tiled=True)
         rest = tuple(a for a in ep + tp if a not in gather_ep)
@@ -175,13 +178,12 @@ def _sharded_experts(x_BTE, idx_BTK, w_BTK, gate_XEF, up_XEF, down_XFE):
 MIN_BLOCK = 8  # rows of the smallest block of the CPU kernel
 
 
-def _local_experts(x_NE, idx_NK, w_NK, gate_XEF, up_XEF, down_XFE, first, kernel: str | None = None):
+def _local_experts(x_NE, idx_NK, w_NK, gate_XEF, up_XEF, down_XFE, first, kernel: str):
     """sum_k w_nk * expert_{idx_nk}(x_n) over the pairs whose expert is one of the X held here
     ([first, first + X)); other pairs contribute zero."""
     N, K = idx_NK.shape
     split = isinstance(gate_XEF, tuple)  # one array per expert (MoEBlock.split_experts)
     X = len(gate_XEF) if split else gate_XEF.shape[0]
-    kernel = kernel or ("blocked" if platform() == "cpu" else "ragged_dot")
     if kernel == "blocked" and N <= MIN_BLOCK and not split:
         # Decoding a few tokens: the blocked kernel would pad each used expert to a block of MIN_BLOCK rows
         # anyway, so running every expert held here on all N rows costs no more matmul rows, reads each expert's

@@ -44,13 +44,14 @@ def _fetch(x: jax.Array) -> np.ndarray:
     return np.asarray(x) if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)
 
 
-def generate(model, items: list[dict], tokenizer, rl, rng: jax.Array, *, num_samples: int,
+def generate(model, items: list[dict], tokenizer, rl, rng: jax.Array, *, num_samples: int, prompt_len: int,
              greedy: bool = False) -> sampling.SampleOutput:
-    """Completions of the same `items` on every process; all rows come back as numpy on every host."""
+    """Completions of the same `items` on every process; all rows come back as numpy on every host. Prompts are
+    padded to `prompt_len` tokens, so that the sampler and the training functions compile once per run."""
     out = sampling.sample(model, [it["prompt_ids"] for it in items], num_samples=num_samples,
                           max_new_tokens=rl.max_new_tokens, rng=rng, temperature=rl.temperature, top_k=rl.top_k,
                           top_p=rl.top_p, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id, greedy=greedy,
-                          vocab_limit=tokenizer.vocab_size)
+                          prompt_len=prompt_len, vocab_limit=tokenizer.vocab_size)
     return sampling.SampleOutput(*map(_fetch, out))
 
 
@@ -81,8 +82,8 @@ def _whole_batch(r: np.ndarray, info: dict, rows: np.ndarray, n: int) -> tuple[n
     return r_all, merged
 
 
-def collect(model, items: list[dict], tokenizer, rl, reward_weights: dict[str, float], rng: jax.Array,
-            rows: np.ndarray | None = None):
+def collect(model, items: list[dict], tokenizer, rl, reward_weights: dict[str, float], rng: jax.Array, *,
+            prompt_len: int, rows: np.ndarray | None = None):
     """One rollout batch of len(items) * group_size rows, grouped [p0 g0..g(G-1), p1 ...], and its metrics.
 
     `items` are the global batch (the same on every process); this process keeps `rows` (default all), which
@@ -92,7 +93,7 @@ def collect(model, items: list[dict], tokenizer, rl, reward_weights: dict[str, f
     if len(rows) % G or not np.array_equal(rows, (rows[::G, None] // G * G + np.arange(G)).ravel()):
         raise ValueError(f"rollout rows must be whole groups of {G}: each process scores its own prompts")
     t0 = time.perf_counter()
-    out = generate(model, items, tokenizer, rl, rng, num_samples=G)
+    out = generate(model, items, tokenizer, rl, rng, num_samples=G, prompt_len=prompt_len)
     t1 = time.perf_counter()
     mine = sampling.SampleOutput(*(x[rows] for x in out))
     texts = decode(tokenizer, mine)
