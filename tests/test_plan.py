@@ -37,9 +37,9 @@ def test_nano_plan_by_hand():
 
     # Activations of one minibatch: 64 * 8 / 4 = 128 sequences over 8 devices = 16 each, bfloat16 (2 bytes).
     rows, tokens = 16, 16 * S
-    scores = (4 + 2) * 16 * S  # float32 scores + bf16 probabilities per token per layer
+    scores = (4 + 2) * 16 * 512  # float32 scores + bf16 probabilities of one 512-key block, per token per layer
     other = 1024 * (8 + 6 * 2) + 2 * (4 * 16 * 128 + 4 * 8 * 128) + 4 * 3072 * 2
-    assert (scores, other) == (147_456, 69_632)
+    assert (scores, other) == (49_152, 69_632)
     head = rows * 512 * V * 4 * 2  # a 512-position chunk of float32 logits and their gradient
     working = max(1.5 * tokens * (scores + other), head)
     assert working == head  # the 152k vocabulary dominates the backward's working set

@@ -156,7 +156,8 @@ _WHILE = re.compile(r"\bwhile\(.*?condition=%?([\w.\-]+), body=%?([\w.\-]+)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _OPCODE = re.compile(r"= [^=]*? ([a-z][a-z\-]*)\(")
 _CONST = re.compile(r"s32\[\]\S* constant\((\d+)\)")
-_KERNEL = re.compile(r'custom_call_target="tpu_custom_call".*?op_name="([^"]+)"')
+# A kernel's op_name follows its attributes, which may span lines, but comes before the next instruction.
+_KERNEL = re.compile(r'custom_call_target="tpu_custom_call"(?:(?!\n\s*(?:ROOT )?%).)*?op_name="([^"]+)"', re.S)
 _CALLS = re.compile(r"\b(?:to_apply|calls|branch_computations|true_computation|false_computation)=\{?%?([\w.\-, %]+)\}?")
 
 
@@ -239,7 +240,7 @@ def compile_one(name: str, fn, args, kwargs, resident: int, mesh) -> Report:
     sizes["total"] = sum(sizes[k] for k in ("arguments", "temporaries", "outputs", "resident")) - sizes["aliased"]
     hlo = compiled.as_text()
     per_call, per_iteration = collective_bytes(hlo)
-    kernels = sorted(set(_KERNEL.findall(hlo)))
+    kernels = sorted({name.removesuffix("/pallas_call").rsplit("/", 1)[-1] for name in _KERNEL.findall(hlo)})
     return Report(name, seconds, sizes, per_call, per_iteration, kernels)
 
 
@@ -262,8 +263,15 @@ def format_report(r: Report, hbm: float) -> str:
     return "\n".join(lines)
 
 
-def run(config: ml_collections.ConfigDict, slice_name: str) -> tuple[list[Report], float, dict, list[str]]:
-    """Reports for the three programs on `slice_name`, a device's HBM bytes, the mesh sizes, what does not fit."""
+PROGRAMS = ("update", "old_logprobs", "sampler")
+
+
+def run(config: ml_collections.ConfigDict, slice_name: str,
+        names: tuple[str, ...] = PROGRAMS) -> tuple[list[Report], float, dict, list[str]]:
+    """Reports for the programs `names` on `slice_name`, a device's HBM bytes, the mesh sizes, what does not fit."""
+    unknown = sorted(set(names) - set(PROGRAMS))
+    if unknown:
+        raise cli.UserError(f"--programs: unknown {', '.join(unknown)}; the programs are {', '.join(PROGRAMS)}")
     devices, chip, hbm = tpu_devices(slice_name)
     try:
         sizes = validate(config, num_devices=len(devices), num_processes=1)
@@ -272,6 +280,8 @@ def run(config: ml_collections.ConfigDict, slice_name: str) -> tuple[list[Report
     mesh = sharding.make_mesh(**config.mesh, devices=devices)
     reports, too_big = [], []
     for name, p in programs(config, mesh).items():
+        if name not in names:
+            continue
         try:
             reports.append(compile_one(name, *p, mesh))
         except DoesNotFit as e:
@@ -288,7 +298,7 @@ def main(config: ml_collections.ConfigDict, argv: list[str]) -> None:
     del argv
     if not FLAGS.topology:
         raise cli.UserError("--topology is required, e.g. --topology=v5p-128")
-    reports, hbm, sizes, too_big = run(config, FLAGS.topology)
+    reports, hbm, sizes, too_big = run(config, FLAGS.topology, tuple(FLAGS.programs))
     if FLAGS.json:
         print(json.dumps({"topology": FLAGS.topology, "hbm_bytes": hbm, "mesh": sizes,
                           "programs": [dataclasses.asdict(r) for r in reports], "does_not_fit": too_big}, indent=1))
@@ -307,5 +317,6 @@ if __name__ == "__main__":
     jax.config.update("jax_platforms", "cpu")
     flags.DEFINE_string("config", None, cli.CONFIG_HELP)
     flags.DEFINE_string("topology", None, "TPU slice to compile for: v4-N, v5litepod-N / v5e-N, v5p-N, v6e-N")
+    flags.DEFINE_list("programs", list(PROGRAMS), "which programs to compile")
     flags.DEFINE_bool("json", False, "print the report as JSON")
     cli.run(main)

@@ -16,7 +16,8 @@ t = mesh.tensor.
 - Activations kept for backward, bytes per token per layer:
   E (8 + 6 b)               two RMSNorms keep float32 inputs; norm outputs, attention and MLP outputs, residuals
   + b (4 H D + 4 K D) / t   q and k (projected, normed, rotated), v, the attention context
-  + (4 + b) H S / t         float32 scores and compute-dtype probabilities over the whole sequence
+  + (4 + b) H s / t         float32 scores and compute-dtype probabilities of one key block, s = min(S, 512)
+                            (models/attention.py: blockwise on CPU, splash tiles on TPU)
   + 4 F b / t               dense SwiGLU: gate, up, silu, product
   | c (2 E b + 4 f b / t)   MoE (models/moe.py): the expert-sorted buffer in, out and its SwiGLU; dropless, it has
       + 2 n E b + 8 X       c = n min(k, X / n) rows per token for n = mesh.expert (the n devices' tokens are
@@ -46,7 +47,7 @@ from jax.sharding import AbstractMesh, Mesh
 
 from zenjax import cli, sharding
 from zenjax.config import BATCH_AXES, model_config_from, validate
-from zenjax.models import Qwen3, Qwen3Config
+from zenjax.models import Qwen3, Qwen3Config, attention
 from zenjax.train_state import abstract_state, make_optimizer
 
 GB = 1e9
@@ -106,7 +107,7 @@ def _layer_bytes(cfg: Qwen3Config, moe: bool, seq_len: int, tensor: int, expert:
     """Activation bytes one token keeps for backward in one layer, as (attention scores, everything else)."""
     b = jnp.dtype(cfg.dtype).itemsize
     E, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    scores = (4 + b) * H * seq_len / tensor
+    scores = (4 + b) * H * min(seq_len, attention.BLOCK) / tensor
     other = E * (8 + 6 * b) + b * (4 * H * D + 4 * K * D) / tensor
     if moe:
         rows = expert * min(cfg.num_experts_per_tok, cfg.num_experts // expert)
@@ -140,7 +141,7 @@ def logprob_forward_bytes(cfg: Qwen3Config, rows: int, seq_len: int, *, tensor: 
     tokens = rows * seq_len
     # The float32 attention scores (the softmax is applied in their buffer) and about half of what a layer would
     # keep for backward.
-    scores = 4 * cfg.num_heads * seq_len / tensor
+    scores = 4 * cfg.num_heads * min(seq_len, attention.BLOCK) / tensor
     one = tokens * max(scores + _layer_bytes(cfg, moe, seq_len, tensor, expert)[1] / 2 for moe, _ in cfg.segments())
     hidden = 2 * tokens * cfg.hidden_size * jnp.dtype(cfg.dtype).itemsize
     return max(one, _head_chunk_bytes(cfg, rows, seq_len, chunk, tensor, copies=1)) + hidden

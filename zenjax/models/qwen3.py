@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from zenjax.sharding import constrain
+from zenjax.models.attention import attention
+from zenjax.sharding import constrain, platform
 
 # Logical axis names live on the Variables; creating them must not need a mesh.
 flax.config.update("flax_always_shard_variable", False)
@@ -49,6 +50,7 @@ class Qwen3Config:
     router_z_loss_coef: float = 0.0
     moe_impl: str = "ragged"  # "ragged" (dropless grouped matmul) or "reference" (every expert, tests only)
     balance_global_batch: bool = False  # load-balance statistics summed over the data axes before the product
+    kernels: str = "auto"  # whose kernels run: the mesh devices' platform, or "cpu" / "tpu" / "gpu" forced (tests)
 
     def __post_init__(self):
         object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
@@ -67,6 +69,12 @@ class Qwen3Config:
                 raise ValueError(f"mlp_only_layers {bad} out of range for num_layers={self.num_layers}")
             if self.moe_impl not in ("ragged", "reference"):
                 raise ValueError(f"moe_impl={self.moe_impl!r}: expected 'ragged' or 'reference'")
+        if self.kernels not in ("auto", "cpu", "tpu", "gpu"):
+            raise ValueError(f"kernels={self.kernels!r}: expected 'auto', 'cpu', 'tpu' or 'gpu'")
+
+    def kernel_platform(self) -> str:
+        """The platform whose kernels and code paths the model runs (see `kernels`)."""
+        return platform() if self.kernels == "auto" else self.kernels
 
     def is_moe_layer(self, i: int) -> bool:
         # transformers' Qwen3MoeDecoderLayer rule.
@@ -226,7 +234,7 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(D, cfg, rngs=rngs)
         self.k_norm = RMSNorm(D, cfg, rngs=rngs)
 
-    def __call__(self, x_BTE, positions_BT, mask_BTS, kv: tuple[jax.Array, jax.Array] | None, index):
+    def __call__(self, x_BTE, positions_BT, mask_BT, kv: tuple[jax.Array, jax.Array] | None, index, valid_BS):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         x = x_BTE.astype(dt)
         q_BTHD = self.q_norm(jnp.einsum("bte,ehd->bthd", x, self.q[...].astype(dt)))
@@ -234,26 +242,22 @@ class Attention(nnx.Module):
         v_BTKD = jnp.einsum("bte,ekd->btkd", x, self.v[...].astype(dt))
         q_BTHD = constrain(rope(q_BTHD, positions_BT, cfg.rope_theta), ("batch", "seq", "act_heads", None))
         k_BTKD = rope(k_BTKD, positions_BT, cfg.rope_theta)
-        if kv is not None:  # write the new keys/values at the cache's next slots, attend over the whole cache
+        if kv is not None:  # write the new keys/values at the cache's next slots
             k_BKDS, v_BKSD = kv
             k_BKDS = jax.lax.dynamic_update_slice_in_dim(k_BKDS, k_BTKD.transpose(0, 2, 3, 1).astype(k_BKDS.dtype),
                                                          index, axis=3)
             v_BKSD = jax.lax.dynamic_update_slice_in_dim(v_BKSD, v_BTKD.swapaxes(1, 2).astype(v_BKSD.dtype),
                                                          index, axis=2)
             kv = (k_BKDS, v_BKSD)
-            k_BKSD = k_BKDS.swapaxes(2, 3)  # a copy, for prefill only: decoding reads the cache as stored
-        else:
-            k_BKSD, v_BKSD = k_BTKD.swapaxes(1, 2), v_BTKD.swapaxes(1, 2)
         B, T, H, D = q_BTHD.shape
-        K = cfg.num_kv_heads
-        q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
-        if T == 1 and kv is not None:
-            out_BTKGD = self._decode_attention(q_BTKGD[:, 0], *kv, mask_BTS[:, 0])[:, None].astype(dt)
-        else:
-            out_BTKGD = _attend(q_BTKGD, k_BKSD.astype(dt), v_BKSD.astype(dt), mask_BTS)
+        if T == 1 and kv is not None:  # decoding reads the cache as stored, its valid slots
+            q_BKGD = q_BTHD.reshape(B, cfg.num_kv_heads, H // cfg.num_kv_heads, D)
+            out_BTHD = self._decode_attention(q_BKGD, *kv, valid_BS)[:, None].astype(dt)
+        else:  # training, and the prefill of an empty cache: the new tokens among themselves
+            out_BTHD = attention(q_BTHD, k_BTKD.astype(dt), v_BTKD.astype(dt), mask_BT, platform=cfg.kernel_platform())
         # Heads flattened on both sides: as a 4-d contraction, XLA:CPU transposes the whole o weight at every
         # decode step to match the attention output's layout.
-        out_BTE = out_BTKGD.reshape(B, T, H * D) @ self.o[...].astype(dt).reshape(H * D, -1)
+        out_BTE = out_BTHD.reshape(B, T, H * D) @ self.o[...].astype(dt).reshape(H * D, -1)
         return out_BTE, kv
 
     @staticmethod
@@ -265,53 +269,6 @@ class Attention(nnx.Module):
         scores_BKGS = jnp.where(mask_BS[:, None, None, :], scores_BKGS, jnp.finfo(f32).min)
         probs_BKGS = jax.nn.softmax(scores_BKGS, axis=-1)
         return jnp.einsum("bkgs,bksd->bkgd", probs_BKGS, v_BKSD.astype(f32))
-
-
-def _attend(q_BTKGD, k_BKSD, v_BKSD, mask_BTS):
-    """Causal/padded attention of every query head on its KV head, in heads-major layout: M = G*T query rows
-    per (batch, KV head), so each of the five matmuls of forward and backward is a plain batched matmul. (Left in
-    [B, T, K, G, D], XLA:CPU transposes the [.., T, S] score arrays between them: a 1.6x slower layer.)"""
-    B, T, K, G, D = q_BTKGD.shape
-    S = k_BKSD.shape[2]
-    q_BKMD = q_BTKGD.transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, D)
-    mask_B1MS = jnp.broadcast_to(mask_BTS[:, None, None], (B, 1, G, T, S)).reshape(B, 1, G * T, S)
-    out_BKMD = _attend_heads(q_BKMD, k_BKSD, v_BKSD, mask_B1MS)
-    return out_BKMD.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4)
-
-
-def _scores(q_BKMD, k_BKSD, mask_B1MS):
-    scores = jnp.einsum("bkmd,bksd->bkms", q_BKMD, k_BKSD, preferred_element_type=jnp.float32)
-    # A finite floor keeps fully-masked (padding) query rows finite instead of NaN.
-    return jnp.where(mask_B1MS, scores * q_BKMD.shape[-1] ** -0.5, jnp.finfo(jnp.float32).min)
-
-
-def _attend_fwd(q_BKMD, k_BKSD, v_BKSD, mask_B1MS):
-    scores = _scores(q_BKMD, k_BKSD, mask_B1MS)
-    # Max and sum kept apart (not as one log-sum-exp): on a fully-masked row the floor swallows log(S).
-    max_ = jnp.max(scores, axis=-1, keepdims=True)
-    exp = jnp.exp(scores - max_)
-    sum_ = jnp.sum(exp, axis=-1, keepdims=True)
-    out_BKMD = jnp.einsum("bkms,bksd->bkmd", (exp / sum_).astype(q_BKMD.dtype), v_BKSD)
-    return out_BKMD, (q_BKMD, k_BKSD, v_BKSD, mask_B1MS, out_BKMD, max_, sum_)
-
-
-def _attend_bwd(res, dout_BKMD):
-    # The [B, K, M, S] probabilities are recomputed from q, k and the softmax normaliser rather than stored
-    # for every layer: one more q.k matmul instead of a residual that grows with T^2.
-    q_BKMD, k_BKSD, v_BKSD, mask_B1MS, out_BKMD, max_, sum_ = res
-    dt = q_BKMD.dtype
-    probs = jnp.exp(_scores(q_BKMD, k_BKSD, mask_B1MS) - max_) / sum_
-    dv_BKSD = jnp.einsum("bkms,bkmd->bksd", probs.astype(dt), dout_BKMD)
-    dprobs = jnp.einsum("bkmd,bksd->bkms", dout_BKMD, v_BKSD, preferred_element_type=jnp.float32)
-    delta_BKM1 = jnp.sum(dout_BKMD.astype(jnp.float32) * out_BKMD.astype(jnp.float32), axis=-1, keepdims=True)
-    dscores = jnp.where(mask_B1MS, probs * (dprobs - delta_BKM1) * q_BKMD.shape[-1] ** -0.5, 0.0).astype(dt)
-    dq_BKMD = jnp.einsum("bkms,bksd->bkmd", dscores, k_BKSD)
-    dk_BKSD = jnp.einsum("bkms,bkmd->bksd", dscores, q_BKMD)
-    return dq_BKMD, dk_BKSD, dv_BKSD, None
-
-
-_attend_heads = jax.custom_vjp(lambda q, k, v, mask: _attend_fwd(q, k, v, mask)[0])
-_attend_heads.defvjp(_attend_fwd, _attend_bwd)
 
 
 class MLP(nnx.Module):
@@ -369,10 +326,10 @@ class Block(nnx.Module):
         else:
             self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x_BTE, positions_BT, mask_BTS, token_mask_BT, kv, index):
-        h, kv = self.attn(self.input_norm(x_BTE), positions_BT, mask_BTS, kv, index)
+    def __call__(self, x_BTE, positions_BT, mask_BT, kv, index, valid_BS):
+        h, kv = self.attn(self.input_norm(x_BTE), positions_BT, mask_BT, kv, index, valid_BS)
         x_BTE = x_BTE + h.astype(x_BTE.dtype)
-        h, aux = self.mlp(self.post_attn_norm(x_BTE), token_mask_BT)
+        h, aux = self.mlp(self.post_attn_norm(x_BTE), mask_BT)
         x_BTE = constrain(x_BTE + h.astype(x_BTE.dtype), ("batch", "seq", "act_embed"))
         return x_BTE, kv, aux
 
@@ -423,26 +380,22 @@ class Qwen3(nnx.Module):
     def hidden(self, tokens_BT, mask_BT=None, positions_BT=None, cache: KVCache | None = None,
                layers: tuple | None = None) -> Output:
         """Run the decoder. `mask_BT` marks real tokens (False = padding). With a cache, the T new tokens are
-        written at slots [cache.index, cache.index + T) and attend to every valid earlier slot. `layers` (from
+        written at slots [cache.index, cache.index + T): T > 1 tokens are the prefill of an empty cache and attend
+        among themselves, one token attends every valid slot. `layers` (from
         `unstack_layers`, with an unstacked cache) runs the layers one by one instead of scanning the stacks."""
         cfg = self.cfg
         B, T = tokens_BT.shape
         mask_BT = jnp.ones((B, T), bool) if mask_BT is None else mask_BT.astype(bool)
         if positions_BT is None:
             positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
-        if cache is None:
-            causal_TT = jnp.tril(jnp.ones((T, T), bool))
-            mask_BTS = causal_TT[None] & mask_BT[:, None, :]
-            index = None
-        else:
+        index = valid_BS = None
+        if cache is not None:
             index = cache.index
             valid_BS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BS, mask_BT, index, axis=1)
-            slot_S = jnp.arange(cache.max_len)
-            mask_BTS = valid_BS[:, None, :] & (slot_S[None, None, :] <= index + jnp.arange(T)[None, :, None])
         x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(jnp.dtype(cfg.dtype))
         x = constrain(x, ("batch", "seq", "act_embed"))
 
-        args = (x, positions_BT, mask_BTS, mask_BT, cache, index)
+        args = (x, positions_BT, mask_BT, cache, index, valid_BS)
         x, new_layers, aux_list = self._scan_stacks(*args) if layers is None else self._one_by_one(layers, *args)
         aux = {k: jnp.concatenate([a[k] for a in aux_list]) for k in aux_list[0]} if aux_list else {}
         h = self.final_norm(x)
@@ -450,14 +403,14 @@ class Qwen3(nnx.Module):
             cache = KVCache(tuple(new_layers), valid_BS, index + T)
         return Output(h, cache, aux)
 
-    def _scan_stacks(self, x, positions_BT, mask_BTS, mask_BT, cache, index):
+    def _scan_stacks(self, x, positions_BT, mask_BT, cache, index, valid_BS):
         new_layers, aux_list = [], []
         for i, stack in enumerate(self.stacks):
             graphdef, state = nnx.split(stack)
 
             def body(x, xs, graphdef=graphdef):
                 layer_state, kv = xs
-                x, kv, aux = nnx.merge(graphdef, layer_state)(x, positions_BT, mask_BTS, mask_BT, kv, index)
+                x, kv, aux = nnx.merge(graphdef, layer_state)(x, positions_BT, mask_BT, kv, index, valid_BS)
                 return x, (kv, aux)
 
             if self.cfg.remat:
@@ -470,13 +423,13 @@ class Qwen3(nnx.Module):
         return x, new_layers, aux_list
 
     @staticmethod
-    def _one_by_one(layers, x, positions_BT, mask_BTS, mask_BT, cache, index):
+    def _one_by_one(layers, x, positions_BT, mask_BT, cache, index, valid_BS):
         if cache is None or len(cache.layers) != len(layers):
             raise ValueError(f"hidden(layers=...) runs {len(layers)} unstacked layers and needs the cache they "
                              "decode from, one LayerCache per layer (KVCache.unstack())")
         new_layers, aux_list = [], []
         for (graphdef, state), kv in zip(layers, cache.layers):
-            x, kv, aux = nnx.merge(graphdef, state)(x, positions_BT, mask_BTS, mask_BT, tuple(kv), index)
+            x, kv, aux = nnx.merge(graphdef, state)(x, positions_BT, mask_BT, tuple(kv), index, valid_BS)
             new_layers.append(LayerCache(*kv))
             if aux:
                 aux_list.append({k: v[None] for k, v in aux.items()})  # as a scan over one layer stacks it
