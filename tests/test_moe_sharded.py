@@ -23,7 +23,7 @@ def loss_fn(model, tokens, mask):
     logits, aux = model(tokens, mask)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    m = mask[:, 1:]
+    m = mask[:, 1:] & mask[:, :-1]  # predictions from real tokens: a padding position's output is unspecified
     terms = moe.moe_losses(aux, model.cfg)
     loss = jnp.sum(nll * m) / jnp.sum(m) + CFG.router_aux_loss_coef * terms["aux_loss"]
     return loss + CFG.router_z_loss_coef * terms["z_loss"], logits
