@@ -36,8 +36,8 @@ def small_blocks(monkeypatch):
 
 
 @pytest.mark.parametrize("kernel", list(KERNELS))
-@pytest.mark.parametrize("T, H, K, D", [(40, 4, 4, 64), (300, 8, 1, 128), (37, 8, 4, 64), (45, 4, 2, 128)],
-                         ids=["gqa1-d64", "gqa8-d128-3tiles", "gqa2-d64", "gqa2-d128"])
+@pytest.mark.parametrize("T, H, K, D", [(40, 4, 4, 64), (300, 8, 1, 128), (45, 4, 2, 128)],
+                         ids=["gqa1-d64", "gqa8-d128-3tiles", "gqa2-d128"])
 def test_float32_values_and_gradients_equal_the_reference(kernel, T, H, K, D):
     q, k, v, mask, w = _inputs(T, H, K, D, jnp.float32)
     fn = KERNELS[kernel]

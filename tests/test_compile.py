@@ -93,8 +93,9 @@ def _planner_agrees(config, reports, devices):
     r = {x.name: x.bytes for x in reports}
     assert p.params + p.opt_state <= r["update"]["arguments"]
     assert 0.5 <= (p.grads + p.activations) / r["update"]["temporaries"] <= 2, (p, r["update"])
-    assert 0.5 <= p.logprob_forward / r["old_logprobs"]["temporaries"] <= 2, (p, r["old_logprobs"])
-    assert r["old_logprobs"]["resident"] == r["sampler"]["resident"] == p.opt_state and r["update"]["resident"] == 0
+    if "old_logprobs" in r:
+        assert 0.5 <= p.logprob_forward / r["old_logprobs"]["temporaries"] <= 2, (p, r["old_logprobs"])
+    assert r["sampler"]["resident"] == p.opt_state and r["update"]["resident"] == 0
 
 
 def test_a_tiny_moe_run_compiles_for_v5p_with_the_tpu_kernels():
@@ -114,9 +115,9 @@ def test_what_does_not_fit_is_named_with_the_capacity(monkeypatch):
     # A chip of 10.7 kB: every program of the tiny dense run is over it, by XLA's own per-device figures.
     monkeypatch.setitem(zcompile.plan.CHIPS, "v5p", 1e-5)
     config = _long(nano_config.get_config("tiny"), data=1, fsdp=-1)
-    reports, hbm, _, too_big = zcompile.run(config, "v5p-8")
-    assert hbm == 1e-5 * 2**30 and len(reports) == 3
-    assert [line.split(" ")[0] for line in too_big] == ["update", "old_logprobs", "sampler"]
+    reports, hbm, _, too_big = zcompile.run(config, "v5p-8", ("update", "sampler"))
+    assert hbm == 1e-5 * 2**30 and len(reports) == 2
+    assert [line.split(" ")[0] for line in too_big] == ["update", "sampler"]
     assert all("per device, more than the 10.7 kB of a v5p device" in line for line in too_big), too_big
     _planner_agrees(config, reports, 4)
 
