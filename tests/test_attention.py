@@ -36,8 +36,8 @@ def small_blocks(monkeypatch):
 
 
 @pytest.mark.parametrize("kernel", list(KERNELS))
-@pytest.mark.parametrize("T, H, K, D", [(40, 4, 4, 64), (300, 8, 1, 128), (45, 4, 2, 128)],
-                         ids=["gqa1-d64", "gqa8-d128-3tiles", "gqa2-d128"])
+@pytest.mark.parametrize("T, H, K, D", [(40, 4, 4, 64), (200, 8, 1, 128), (45, 4, 2, 128)],
+                         ids=["gqa1-d64", "gqa8-d128-2tiles", "gqa2-d128"])
 def test_float32_values_and_gradients_equal_the_reference(kernel, T, H, K, D):
     q, k, v, mask, w = _inputs(T, H, K, D, jnp.float32)
     fn = KERNELS[kernel]
@@ -56,7 +56,7 @@ def test_float32_values_and_gradients_equal_the_reference(kernel, T, H, K, D):
                                    err_msg=f"d{name}")
 
 
-@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("kernel", ["blockwise", "splash"])  # on a GPU the bfloat16 call is cuDNN's: no CPU runs it
 def test_bfloat16_is_within_bfloat16_rounding_of_the_float32_result(kernel):
     q, k, v, mask, w = _inputs(45, 8, 2, 64, jnp.bfloat16)
     fn = KERNELS[kernel]

@@ -11,7 +11,8 @@ t = mesh.tensor.
 - Training FLOPs per token = 6 N + 12 L H D S. N counts the parameters of every matmul a token passes through:
   attention, router, its k experts (or the dense MLP) and the LM head (counted even when tied: the logits matmul
   runs either way), not the embedding lookup or norm scales. 12 L H D S is QK^T and PV (4 H D S per layer
-  forward, x3 with backward) over the whole S, because the attention computes the full masked score matrix.
+  forward, x3 with backward) over the whole S: the blockwise CPU attention computes every block (splash on TPU
+  skips the fully masked half, so its hardware FLOPs are lower).
   Remat adds one more forward (2 N + 4 L H D S) of hardware FLOPs, not counted.
 - Activations kept for backward, bytes per token per layer:
   E (8 + 6 b)               two RMSNorms keep float32 inputs; norm outputs, attention and MLP outputs, residuals
