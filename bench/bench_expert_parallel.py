@@ -40,9 +40,9 @@ def config(dtype: str) -> Qwen3Config:
 def train_step(cfg: Qwen3Config, mesh, tokens):
     """A jitted forward + backward (cross-entropy + load-balance loss) with params created sharded."""
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Qwen3(cfg, rngs=nnx.Rngs(0))))
-    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, sharding.logical_to_spec(tuple(spec))),
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, sharding.logical_to_spec(tuple(spec), sharding.TRAINING)),
                              nnx.get_partition_spec(abstract), is_leaf=lambda x: isinstance(x, P))
-    batch = sharding.named(mesh, ("batch", None))
+    batch = sharding.named(mesh, ("batch", None), sharding.TRAINING)
     with jax.set_mesh(mesh):
         params = jax.jit(lambda: nnx.state(Qwen3(cfg, rngs=nnx.Rngs(0))), out_shardings=shardings)()
         tokens = jax.device_put(tokens, batch)

@@ -82,6 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.rl.scale_std = True  # divide advantages by the group std
     c.rl.old_logprobs = "recompute"  # "recompute" with the trainer, or "sampler" to reuse the sampler's
     c.rl.logprob_chunk = 512  # sequence chunk for log-probs (bounds the [B, chunk, V] logits)
+    c.rl.logprob_batch = 0  # sequences per old-log-prob / KL pass (bounds its memory); 0 = an update minibatch's
+    c.rl.rollout_copy = True  # decode from a compute-dtype copy in the rollout layout; False: from the training state
     c.rl.sft_steps = 0  # supervised warm-up steps on reference answers before GSPO (synthetic tasks)
     c.rl.sft_lr = 1e-3  # learning rate of the warm-up
 

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from zenjax import sharding
 from zenjax.models import Qwen3, Qwen3Config, attention, sequence_logprobs
 
 KERNELS = {
     "blockwise": attention._blockwise,
-    "splash": lambda *a: attention._splash(*a, interpret=True),
+    "splash": lambda *a: attention._splash(*a, rules=sharding.TRAINING, interpret=True),
     "cudnn_call": lambda *a: attention._cudnn(*a, implementation=None),
 }
 
@@ -97,8 +98,6 @@ def test_train_step_memory_grows_linearly_with_length():
 def test_the_tpu_model_under_a_sharded_mesh_equals_the_cpu_model():
     # The TPU path end to end, on 8 CPU devices: splash (interpreted) per device under shard_map, batch over
     # data and heads over tensor, against the CPU model's blockwise attention: logits and gradients.
-    from zenjax import sharding  # noqa: PLC0415
-
     base = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                 intermediate_size=64, dtype="float32")
     tokens = jax.random.randint(jax.random.key(1), (4, 20), 0, 64)

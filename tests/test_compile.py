@@ -75,6 +75,10 @@ def test_collectives_per_call_and_per_iteration_of_a_run_time_loop():
     per_call, per_iteration = zcompile.collective_bytes(HLO)
     assert per_call == {"reduce-scatter": 64}
     assert per_iteration == {"all-gather": 2048, "all-reduce": (3 + 5) * 64}
+    # With a parameter whose per-device share is [4, 256] (or [1, 4, 256], one layer of a stack) the all-gather is
+    # counted as gathering weights too.
+    _, per_iteration = zcompile.collective_bytes(HLO, frozenset({(4, 256)}))
+    assert per_iteration[zcompile.WEIGHTS] == 2048 == per_iteration["all-gather"]
 
 
 def _long(config, **mesh):
@@ -95,7 +99,9 @@ def _planner_agrees(config, reports, devices):
     assert 0.5 <= (p.grads + p.activations) / r["update"]["temporaries"] <= 2, (p, r["update"])
     if "old_logprobs" in r:
         assert 0.5 <= p.logprob_forward / r["old_logprobs"]["temporaries"] <= 2, (p, r["old_logprobs"])
-    assert r["sampler"]["resident"] == p.opt_state and r["update"]["resident"] == 0
+    # The sampler decodes from the rollout copy: the training weights and optimizer state stay resident.
+    assert r["sampler"]["resident"] == p.opt_state + p.params and r["update"]["resident"] == 0
+    assert 0 < p.rollout_copy <= r["sampler"]["arguments"], (p, r["sampler"])  # the copy is the sampler's argument
 
 
 def test_a_tiny_moe_run_compiles_for_v5p_with_the_tpu_kernels():
@@ -117,9 +123,23 @@ def test_what_does_not_fit_is_named_with_the_capacity(monkeypatch):
     config = _long(nano_config.get_config("tiny"), data=1, fsdp=-1)
     reports, hbm, _, too_big = zcompile.run(config, "v5p-8", ("update", "sampler"))
     assert hbm == 1e-5 * 2**30 and len(reports) == 2
-    assert [line.split(" ")[0] for line in too_big] == ["update", "sampler"]
-    assert all("per device, more than the 10.7 kB of a v5p device" in line for line in too_big), too_big
+    assert [line.split(" ")[0] for line in too_big[:2]] == ["update", "sampler"]
+    assert all("per device, more than the 10.7 kB of a v5p device" in line for line in too_big[:2]), too_big
+    assert "--config.rl.rollout_copy=False samples from the training state" in too_big[2]
     _planner_agrees(config, reports, 4)
+    # FSDP over 4 chips, decoding from the rollout copy: a generated token moves nothing between chips.
+    assert reports[1].name == "sampler" and reports[1].per_iteration == {}, reports[1].per_iteration
+
+
+def test_the_sampler_of_the_training_layout_gathers_weights_every_token():
+    config = _long(nano_config.get_config("tiny"), data=1, fsdp=-1)
+    config.rl.rollout_copy = False
+    (r,), _, _, _ = zcompile.run(config, "v5p-8", ("sampler",))
+    gathered = r.per_iteration[zcompile.WEIGHTS]
+    # Every all-gather is of weights: per token, at least each layer's FSDP-split matrices, gathered whole.
+    assert gathered == r.per_iteration["all-gather"], r.per_iteration
+    per_layer = 2 * 64 * (4 + 2 + 2 + 4) * 16 + 2 * 3 * 64 * 128  # bf16 attention and MLP weights of 1 layer
+    assert gathered >= 2 * per_layer, r.per_iteration
 
 
 def test_the_sampler_draws_with_float32_sums_on_tpu():

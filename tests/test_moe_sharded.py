@@ -50,7 +50,7 @@ def single_device(split_model):
 def placed_model(split_model, mesh):
     """The same parameters, each sharded by its logical axes through the rules table."""
     graphdef, state = split_model
-    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, sharding.logical_to_spec(tuple(spec))),
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, sharding.logical_to_spec(tuple(spec), sharding.TRAINING)),
                              nnx.get_partition_spec(state), is_leaf=lambda x: isinstance(x, P))
     return nnx.merge(graphdef, jax.device_put(state, shardings))
 
@@ -76,7 +76,7 @@ def _check_sharded(split_model, single_device, axes) -> str:
     mesh = sharding.make_mesh(**axes)
     with jax.set_mesh(mesh):
         model = placed_model(split_model, mesh)
-        batch = sharding.named(mesh, ("batch", None))
+        batch = sharding.named(mesh, ("batch", None), sharding.TRAINING)
         tokens, mask = jax.device_put(TOKENS, batch), jax.device_put(MASK, batch)
         (_, logits), grads = step(model, tokens, mask)
         jaxpr = str(jax.make_jaxpr(nnx.value_and_grad(loss_fn, has_aux=True))(model, tokens, mask))

@@ -47,11 +47,16 @@ def test_nano_plan_by_hand():
     # no remat: each layer keeps everything but its attention probabilities (recomputed in backward)
     assert p.activations_other == tokens * 28 * other + working
 
-    # Old log-probs: all 512 rollout sequences, 64 per device, one layer (or a logits chunk) live at a time.
-    tokens = 64 * S
-    assert p.logprob_forward == max(tokens * (scores + other / 2), 64 * 512 * V * 4) + 2 * tokens * 1024 * 2
+    # Old log-probs: passes of one minibatch's 128 sequences (rl.logprob_batch=0), 16 per device, one layer (or a
+    # logits chunk) live at a time.
+    tokens = 16 * S
+    assert p.logprob_forward == max(tokens * (scores + other / 2), 16 * 512 * V * 4) + 2 * tokens * 1024 * 2
+    # The rollout: all 512 sequences' KV cache, 64 per device, and the bf16 copy of the policy, whole on each device
+    # (the rollout layout drops fsdp; nano has no tensor axis): 2 bytes per parameter.
     assert p.kv_cache == 2 * 28 * 64 * S * 8 * 128 * 2
-    assert p.peak == p.params + p.opt_state + max(p.grads + p.activations, p.logprob_forward, p.kv_cache)
+    assert p.rollout_copy == 2 * 596_049_920
+    assert p.peak == p.params + p.opt_state + max(p.grads + p.activations, p.logprob_forward,
+                                                  p.kv_cache + p.rollout_copy)
 
 
 def test_moe_flops_and_bytes_by_hand():

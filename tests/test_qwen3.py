@@ -8,6 +8,7 @@ from flax import nnx
 
 from tests.hf_util import dense_config, padded_batch, save_random
 from zenjax.models import KVCache, Qwen3Config, token_logprobs
+from zenjax.sharding import TRAINING
 from zenjax.models.hf import entries, load_hf
 
 
@@ -76,7 +77,7 @@ def test_chunked_logprobs_equal_full_log_softmax():
         return jnp.take_along_axis(logp, tgt[..., None], -1)[..., 0]
 
     def chunked(h, w):
-        return token_logprobs(h, w, tgt, chunk=4)  # 11 is not a multiple of 4: exercises the padding
+        return token_logprobs(h, w, tgt, rules=TRAINING, chunk=4)  # 11 is not a multiple of 4: exercises the padding
 
     np.testing.assert_allclose(chunked(h, w), full(h, w), atol=1e-5)
     loss = lambda f: lambda h, w: jnp.sum(f(h, w) * jnp.arange(11.0))  # noqa: E731
@@ -84,7 +85,7 @@ def test_chunked_logprobs_equal_full_log_softmax():
     g_chunk = jax.grad(loss(chunked), argnums=(0, 1))(h, w)
     for a, b in zip(g_chunk, g_full):
         np.testing.assert_allclose(a, b, atol=1e-4)
-    _, ent = token_logprobs(h, w, tgt, chunk=4, with_entropy=True)
+    _, ent = token_logprobs(h, w, tgt, rules=TRAINING, chunk=4, with_entropy=True)
     p = jax.nn.softmax(h @ w, -1)
     np.testing.assert_allclose(ent, -jnp.sum(p * jnp.log(p), -1), atol=1e-4)
 

@@ -9,7 +9,7 @@ from flax import nnx
 from tests.hf_util import dense_config, save_random
 from zenjax.models.hf import load_hf
 from zenjax.sampling import _categorical, _first_above, _generate, _nucleus, sample
-from zenjax.sharding import make_mesh, named
+from zenjax.sharding import TRAINING, make_mesh, named
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [1, 2, 3, 4, 5], [60, 61, 62, 63]]
 
@@ -211,7 +211,7 @@ def test_sharded_params_under_a_mesh_give_the_same_tokens(models, greedy):
     expect = sample(model, PROMPTS, **kw)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     graphdef, state = nnx.split(model)
-    flat = [(path, jax.device_put(v.get_value(), named(mesh, v.get_metadata()["out_sharding"])))
+    flat = [(path, jax.device_put(v.get_value(), named(mesh, v.get_metadata()["out_sharding"], TRAINING)))
             for path, v in nnx.to_flat_state(state)]
     with jax.set_mesh(mesh):
         got = sample(nnx.merge(graphdef, nnx.from_flat_state(flat)), PROMPTS, **kw)

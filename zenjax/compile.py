@@ -5,11 +5,13 @@
 libtpu's compile-only client (`pip install -e ".[tpu]"`) gives the slice's devices on a host without TPUs. The
 mesh is built over them, and the three programs of a GSPO step are lowered from abstract sharded inputs (no
 weight is allocated) and compiled for TPU: the minibatch update, the old-log-prob pass over the whole rollout
-batch and the sampler (prefill + decode loop). For each: the compile time; XLA's per-chip bytes, plus the
-optimizer state a run keeps in HBM while the log-prob pass and the sampler run, against the chip's HBM; and the
-bytes of the results of each kind of collective per chip, per call and per iteration of the loops whose trip count
-is only known at run time (the decode loop: what every generated token moves). Result bytes are what a device
-ends up holding, not ring traffic: an all-gather's result is the whole gathered array.
+batch (in passes of rl.logprob_batch sequences) and the sampler (prefill + decode loop, from the rollout copy of
+the policy unless rl.rollout_copy is off). For each: the compile time; XLA's per-chip bytes, plus what the run keeps
+in HBM outside the program's arguments (optimizer state, a KL reference, the training weights next to the rollout
+copy), against the chip's HBM; and the bytes of the results of each kind of collective per chip, per call and per
+iteration of the loops whose trip count is only known at run time (the decode loop: what every generated token
+moves), with the all-gathers of weights apart. Result bytes are what a device ends up holding, not ring traffic:
+an all-gather's result is the whole gathered array.
 """
 from __future__ import annotations
 
@@ -29,9 +31,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from zenjax import cli, plan, sampling, sharding
-from zenjax.config import model_config_from, validate
+from zenjax.config import logprob_rows, model_config_from, validate
 from zenjax.models import Qwen3
-from zenjax.train_state import RLHyper, State, abstract_state, make_functions, make_optimizer
+from zenjax.train_state import RLHyper, State, abstract_rollout_params, abstract_state, make_functions, \
+    make_optimizer, rollout_config
 
 GIB = 2**30  # chips' HBM is quoted in GiB: XLA refused 16.0 GiB on a v5e for its 15.75 GiB available
 # Slice names count TensorCores on v4 / v5p (two per chip, a 3-D torus) and chips on v5e / v6e (a 2-D one).
@@ -88,14 +91,16 @@ def _sds(shape, dtype, sh):
 
 def programs(config: ml_collections.ConfigDict, mesh) -> dict:
     """name -> (jitted function, abstract args, static kwargs, bytes per device held by the run outside the
-    program's arguments) for the update, the log-prob pass and the sampler."""
+    program's arguments) for the update, the log-prob pass and the sampler (from the rollout copy of the policy
+    unless rl.rollout_copy is off)."""
     cfg = model_config_from(config.model)
     rl = config.rl
     tx, schedule = make_optimizer(config.optim, config.steps * rl.minibatches // config.optim.grad_accum)
     # Eager work (optax's placeholders) stays outside the mesh context.
     graphdef, abs_params, abs_opt, param_sh, opt_sh = abstract_state(cfg, tx, mesh, config.seed)
     state = State(graphdef, abs_params, abs_opt, param_sh, opt_sh)
-    hyper = RLHyper(rl.loss, rl.eps_low, rl.eps_high, rl.kl_coef, rl.logprob_chunk, completion_len=rl.max_new_tokens)
+    hyper = RLHyper(rl.loss, rl.eps_low, rl.eps_high, rl.kl_coef, rl.logprob_chunk, completion_len=rl.max_new_tokens,
+                    logprob_rows=logprob_rows(rl))
     logprobs, update = make_functions(state, cfg, tx, hyper, mesh, schedule)
 
     prompt_len = config.data.max_prompt_len  # the trainer pads every prompt to it
@@ -115,24 +120,44 @@ def programs(config: ml_collections.ConfigDict, mesh) -> dict:
         with jax.set_mesh(mesh):
             counts = jax.eval_shape(logprobs, abs_params, minibatch["tokens"], minibatch["mask"])[2]["counts"]
 
-    _, model_state = jax.eval_shape(lambda: nnx.split(Qwen3(cfg, rngs=nnx.Rngs(0))))
-    nnx.replace_by_pure_dict(model_state, abs_params)
+    sampler_cfg, sampler_graphdef, sampler_params = cfg, graphdef, abs_params
+    if rl.rollout_copy:
+        sampler_cfg = rollout_config(cfg)
+        sampler_graphdef, sampler_params = abstract_rollout_params(cfg, mesh)
+    _, model_state = jax.eval_shape(lambda: nnx.split(Qwen3(sampler_cfg, rngs=nnx.Rngs(0))))
+    nnx.replace_by_pure_dict(model_state, sampler_params)
     replicated = NamedSharding(mesh, P())  # the sampler gets host prompts, as in the trainer
     P_ = rl.prompts_per_step
-    sampler_args = (graphdef, model_state, _sds((P_, prompt_len), jnp.int32, replicated),
+    sampler_args = (sampler_graphdef, model_state, _sds((P_, prompt_len), jnp.int32, replicated),
                     _sds((P_, prompt_len), jnp.bool_, replicated),
                     jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated),
                     _sds((), jnp.float32, replicated), _sds((), jnp.float32, replicated),
                     _sds((), jnp.int32, replicated))
     sampler_kw = dict(num_samples=rl.group_size, max_new=rl.max_new_tokens, cache_len=T, greedy=False,
                       top_k=rl.top_k, use_top_p=rl.top_p < 1, eos_ids=(0,), vocab_limit=None)
-    opt_bytes = plan.device_bytes(abs_opt)  # in HBM all along, an argument of the update only
+    # In HBM all along, outside some programs' arguments: the optimizer state, the KL reference's weights, and
+    # while the rollout copy decodes, the training weights.
+    ref = plan.device_bytes(abs_params) if rl.kl_coef > 0 else 0
+    opt = plan.device_bytes(abs_opt) + ref
     return {
-        "update": (update, (abs_params, abs_opt, minibatch, counts), {}, 0),
+        "update": (update, (abs_params, abs_opt, minibatch, counts), {}, ref),
         "old_logprobs": (logprobs, (abs_params, _sds((rows, T), jnp.int32, rows_sh(2)),
-                                    _sds((rows, T), jnp.bool_, rows_sh(2))), {}, opt_bytes),
-        "sampler": (sampling._generate, sampler_args, sampler_kw, opt_bytes),
+                                    _sds((rows, T), jnp.bool_, rows_sh(2))), {}, opt),
+        "sampler": (sampling._generate, sampler_args, sampler_kw,
+                    opt + plan.device_bytes(abs_params) * rl.rollout_copy),
     }
+
+
+def weight_shapes(config: ml_collections.ConfigDict, mesh) -> frozenset:
+    """Per-device shapes of the parameters in the rollout layout, whole and per layer of a stack: an all-gather
+    with such a result gathers weights."""
+    _, params = abstract_rollout_params(model_config_from(config.model), mesh)
+    shapes = {x.sharding.shard_shape(x.shape) for x in jax.tree.leaves(params)}
+    return frozenset(map(_squeezed, shapes | {s[1:] for s in shapes if len(s) > 2}))
+
+
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(d for d in shape if d != 1)  # a layer is sliced out of its stack as [1, ...]
 
 
 # ------------------------------------------------------------------------------------------- the report
@@ -161,17 +186,23 @@ _KERNEL = re.compile(r'custom_call_target="tpu_custom_call"(?:(?!\n\s*(?:ROOT )?
 _CALLS = re.compile(r"\b(?:to_apply|calls|branch_computations|true_computation|false_computation)=\{?%?([\w.\-, %]+)\}?")
 
 
-def _nbytes(result_type: str) -> int:
-    """Bytes of an HLO result type; an async start's tuple holds its operand and result: take the largest."""
-    sizes = []
+def _result(result_type: str) -> tuple[int, tuple[int, ...]]:
+    """Bytes and dims of an HLO result type; an async start's tuple holds its operand and result: the largest."""
+    best = (0, ())
     for dtype, dims in _SHAPE.findall(result_type):
         bits = _BITS.get(dtype, _BITS.get(dtype[:2], int(re.sub(r"\D", "", dtype) or 8)))
-        sizes.append(math.prod(int(d) for d in dims.split(",") if d) * bits // 8)
-    return max(sizes, default=0)
+        shape = tuple(int(d) for d in dims.split(",") if d)
+        best = max(best, (math.prod(shape) * bits // 8, shape))
+    return best
 
 
-def collective_bytes(hlo: str) -> tuple[dict[str, int], dict[str, int]]:
-    """(per call, per iteration of the loops without a known trip count), kind -> bytes, from compiled HLO."""
+WEIGHTS = "all-gather of weights"  # the all-gathers whose result is one device's share of a parameter
+
+
+def collective_bytes(hlo: str, weight_shapes: frozenset = frozenset()) -> tuple[dict[str, int], dict[str, int]]:
+    """(per call, per iteration of the loops without a known trip count), kind -> bytes, from compiled HLO. The
+    all-gathers whose result has the shape of a parameter's per-device share in the rollout layout (`weight_shapes`,
+    whole or one layer of a stack) are counted under WEIGHTS as well: they gather FSDP shards of the weights."""
     comps: dict[str, list[str]] = {}
     entry, current = None, None
     for line in hlo.splitlines():
@@ -200,7 +231,10 @@ def collective_bytes(hlo: str) -> tuple[dict[str, int], dict[str, int]]:
         for line in comps.get(name, ()):
             op = _OP.search(line)
             if op:
-                direct[op.group(2)] = direct.get(op.group(2), 0) + _nbytes(op.group(1))
+                nbytes, shape = _result(op.group(1))
+                direct[op.group(2)] = direct.get(op.group(2), 0) + nbytes
+                if op.group(2) == "all-gather" and _squeezed(shape) in weight_shapes:
+                    direct[WEIGHTS] = direct.get(WEIGHTS, 0) + nbytes
             loop = _WHILE.search(line)
             subs = [(loop.group(2), trip_count(line, loop.group(1)))] if loop else []
             subs += [(s.strip().lstrip("%"), 1) for c in _CALLS.findall(line) for s in c.split(",")]
@@ -224,7 +258,7 @@ class DoesNotFit(Exception):
     """XLA's TPU compiler refused a program for want of HBM."""
 
 
-def compile_one(name: str, fn, args, kwargs, resident: int, mesh) -> Report:
+def compile_one(name: str, fn, args, kwargs, resident: int, mesh, weight_shapes: frozenset = frozenset()) -> Report:
     t = time.perf_counter()
     try:
         with jax.set_mesh(mesh):
@@ -239,7 +273,7 @@ def compile_one(name: str, fn, args, kwargs, resident: int, mesh) -> Report:
              "outputs": m.output_size_in_bytes, "aliased": m.alias_size_in_bytes, "resident": resident}
     sizes["total"] = sum(sizes[k] for k in ("arguments", "temporaries", "outputs", "resident")) - sizes["aliased"]
     hlo = compiled.as_text()
-    per_call, per_iteration = collective_bytes(hlo)
+    per_call, per_iteration = collective_bytes(hlo, weight_shapes)
     kernels = sorted({name.removesuffix("/pallas_call").rsplit("/", 1)[-1] for name in _KERNEL.findall(hlo)})
     return Report(name, seconds, sizes, per_call, per_iteration, kernels)
 
@@ -279,15 +313,20 @@ def run(config: ml_collections.ConfigDict, slice_name: str,
         raise cli.UserError(f"{slice_name} ({len(devices)} {chip} devices): {cli.message(e)}") from None
     mesh = sharding.make_mesh(**config.mesh, devices=devices)
     reports, too_big = [], []
+    weights = weight_shapes(config, mesh)
     for name, p in programs(config, mesh).items():
         if name not in names:
             continue
         try:
-            reports.append(compile_one(name, *p, mesh))
+            reports.append(compile_one(name, *p, mesh, weights))
         except DoesNotFit as e:
             too_big.append(str(e))
     too_big += [f"{r.name} needs {_gb(r.bytes['total'])} per device, more than the {_gb(hbm)} of a {chip} device"
                 for r in reports if r.bytes["total"] > hbm]
+    if config.rl.rollout_copy and any(line.startswith("sampler") for line in too_big):
+        too_big.append("the sampler decodes from a copy of the policy next to the training state: "
+                       "--config.rl.rollout_copy=False samples from the training state instead (less memory, "
+                       "the weights all-gathered at every token)")
     return reports, hbm, sizes, too_big
 
 

@@ -15,7 +15,7 @@ from zenjax.rl import losses, rewards
 # How to run the model rather than what it is: these override an HF config.json.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "moe_impl", "router_aux_loss_coef", "router_z_loss_coef",
                   "balance_global_batch", "kernels")
-BATCH_AXES = ("data", "fsdp", "expert")  # mesh axes that split the batch (sharding.RULES["batch"])
+BATCH_AXES = ("data", "fsdp", "expert")  # mesh axes that split the batch (sharding.TRAINING["batch"])
 
 
 def model_config_from(m: ml_collections.ConfigDict) -> Qwen3Config:
@@ -30,6 +30,11 @@ def model_config_from(m: ml_collections.ConfigDict) -> Qwen3Config:
     return Qwen3Config(**fields)
 
 
+def logprob_rows(rl: ml_collections.ConfigDict) -> int:
+    """Sequences per old-log-prob / KL pass: rl.logprob_batch, or one update minibatch's when it is 0."""
+    return rl.logprob_batch or rl.prompts_per_step * rl.group_size // rl.minibatches
+
+
 def mesh_sizes(mesh: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
     """Mesh axis sizes for `num_devices`, resolving the one axis that may be -1 (as sharding.make_mesh does)."""
     return sharding.mesh_sizes({a: mesh[a] for a in sharding.MESH_AXES}, num_devices)
@@ -37,7 +42,7 @@ def mesh_sizes(mesh: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
 
 def _shards(logical: str, sizes: dict[str, int]) -> tuple[int, str]:
     """How many ways the rules split a logical axis on this mesh, and over which mesh axes (for messages)."""
-    rule = sharding.RULES[logical]
+    rule = sharding.TRAINING[logical]  # the rollout layout splits each parameter over a subset of these
     axes = () if rule is None else (rule,) if isinstance(rule, str) else tuple(rule)
     return math.prod(sizes[a] for a in axes), "*".join(f"mesh.{a}" for a in axes)
 
@@ -82,6 +87,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
         errors.append(f"a minibatch of {rows // rl.minibatches} sequences (rl.prompts_per_step*rl.group_size/"
                       f"rl.minibatches) is not divisible by the {batch_shards} batch shards "
                       f"(mesh.data*mesh.fsdp*mesh.expert = {'*'.join(str(sizes[a]) for a in BATCH_AXES)})")
+    elif rows and (logprob_rows(rl) < 1 or rows % logprob_rows(rl) or logprob_rows(rl) % batch_shards):
+        errors.append(f"rl.logprob_batch={rl.logprob_batch}: the {rows} sequences of a rollout batch must split into "
+                      f"passes of {logprob_rows(rl)} sequences, each divisible by the {batch_shards} batch shards")
     if not 0 <= rl.eps_low < 1 or rl.eps_high < 0:
         errors.append(f"rl.eps_low={rl.eps_low} must be in [0, 1) and rl.eps_high={rl.eps_high} >= 0")
     seq = config.data.max_prompt_len + rl.max_new_tokens

@@ -29,10 +29,12 @@ t = mesh.tensor.
   for small float32 models on CPU (training within ~15%, the forward within ~50%; tests/test_plan.py). XLA's TPU
   programs agree within 2x (tests/test_compile.py); `python -m zenjax.compile` gives their exact figures.
 - Per device: params, gradients and optimizer state are summed over shard shapes of the real train state.
-  Peak = params + optimizer state + the largest of (gradients + training activations), the old-log-prob forward
-  over the whole rollout batch (one layer's scores and half its other terms, or one chunk of float32 logits,
-  live; plus the hidden states) and the rollout KV cache (2 L S K D b per sequence). The sampler's other
-  temporaries (prefill activations, weights gathered for decoding) are not modelled: the compile tool has them.
+  Peak = params + optimizer state (+ the KL reference's params when rl.kl_coef > 0) + the largest of (gradients +
+  training activations), the old-log-prob forward over one pass of rl.logprob_batch sequences (one layer's scores
+  and half its other terms, or one chunk of float32 logits, live; plus the hidden states) and the rollout: its KV
+  cache (2 L S K D b per sequence) and, with rl.rollout_copy, the compute-dtype copy of the policy in the rollout
+  layout (zenjax.sharding.ROLLOUT: replicated over fsdp). The sampler's other temporaries (prefill activations)
+  are not modelled: the compile tool has them.
 """
 from __future__ import annotations
 
@@ -47,9 +49,9 @@ from flax import nnx
 from jax.sharding import AbstractMesh, Mesh
 
 from zenjax import cli, sharding
-from zenjax.config import BATCH_AXES, model_config_from, validate
+from zenjax.config import BATCH_AXES, logprob_rows, model_config_from, validate
 from zenjax.models import Qwen3, Qwen3Config, attention
-from zenjax.train_state import abstract_state, make_optimizer
+from zenjax.train_state import abstract_rollout_params, abstract_state, make_optimizer
 
 GB = 1e9
 # HBM per chip in GB (vendor figures; XLA needs some of it for its own buffers).
@@ -183,6 +185,8 @@ class Plan:
     activations_other: float  # with it flipped
     logprob_forward: float
     kv_cache: float
+    reference: int  # the KL reference policy's params (0 without a KL penalty)
+    rollout_copy: int  # the policy copy the sampler decodes from (0 with rl.rollout_copy off)
     chip: str | None
 
     @property
@@ -195,14 +199,20 @@ class Plan:
 
     @property
     def peak(self) -> float:
-        return self.params + self.opt_state + max(self.grads + self.activations, self.logprob_forward, self.kv_cache)
+        return self.params + self.opt_state + self.reference + max(self.grads + self.activations, self.logprob_forward,
+                                                                   self.kv_cache + self.rollout_copy)
 
     def warnings(self) -> list[str]:
         if self.chip is None:
             return []
         cap = CHIPS[self.chip] * GB
         if self.peak > cap:
-            return [f"does not fit: peak {self.peak / GB:.1f} GB > {self.chip} {CHIPS[self.chip]} GB per chip"]
+            out = [f"does not fit: peak {self.peak / GB:.1f} GB > {self.chip} {CHIPS[self.chip]} GB per chip"]
+            if self.rollout_copy and self.peak - self.rollout_copy <= cap:
+                out.append(f"the rollout copy of the policy ({self.rollout_copy / GB:.1f} GB) does not fit next to "
+                           "the training state: --config.rl.rollout_copy=False decodes from the training state "
+                           "(its weights all-gathered at every token)")
+            return out
         if self.peak > HEADROOM * cap:
             return [f"tight: peak {self.peak / GB:.1f} GB is over {HEADROOM:.0%} of {self.chip}'s "
                     f"{CHIPS[self.chip]} GB per chip"]
@@ -228,6 +238,7 @@ def plan(config: ml_collections.ConfigDict, num_devices: int | None = None, chip
     rl, t, n = config.rl, sizes["tensor"], sizes["expert"]
     seq = config.data.max_prompt_len + rl.max_new_tokens
     rollout = rl.prompts_per_step * rl.group_size
+    copy = device_bytes(abstract_rollout_params(cfg, mesh)[1]) if rl.rollout_copy else 0
     shards = math.prod(sizes[a] for a in BATCH_AXES)
     mb_local = rollout // rl.minibatches // shards
     act = {r: activation_bytes(cfg, mb_local, seq, tensor=t, expert=n, chunk=rl.logprob_chunk, remat=r)
@@ -238,8 +249,10 @@ def plan(config: ml_collections.ConfigDict, num_devices: int | None = None, chip
         # Gradients have the params' dtype and shardings.
         params=device_bytes(params), grads=device_bytes(params), opt_state=device_bytes(opt_state),
         activations=act[cfg.remat], activations_other=act[not cfg.remat],
-        logprob_forward=logprob_forward_bytes(cfg, rollout // shards, seq, tensor=t, expert=n, chunk=rl.logprob_chunk),
-        kv_cache=kv_cache_bytes(cfg, rollout // shards, seq, tensor=t), chip=chip)
+        logprob_forward=logprob_forward_bytes(cfg, logprob_rows(rl) // shards, seq, tensor=t, expert=n,
+                                              chunk=rl.logprob_chunk),
+        kv_cache=kv_cache_bytes(cfg, rollout // shards, seq, tensor=t),
+        reference=device_bytes(params) if rl.kl_coef > 0 else 0, rollout_copy=copy, chip=chip)
 
 
 def si(n: float, unit: str = "") -> str:
@@ -284,15 +297,18 @@ def format_plan(p: Plan, hf_model_id: str = "") -> str:
         _row(f"params ({cfg.param_dtype})", p.params),
         _row("gradients", p.grads),
         _row("optimizer state", p.opt_state),
+        *([_row("KL reference params", p.reference)] if p.reference else []),
         _row(f"activations, remat {'on' if cfg.remat else 'off'}", p.activations,
              f"(remat {'off' if cfg.remat else 'on'}: {si(p.activations_other, 'B')})"),
         _row("old log-prob forward", p.logprob_forward),
         _row(f"rollout KV cache ({cfg.dtype})", p.kv_cache),
+        _row(f"rollout weights copy ({cfg.dtype})", p.rollout_copy, "" if p.rollout_copy else "(rl.rollout_copy off)"),
         _row("peak", p.peak),
     ]
     if p.chip:
         lines.append(f"{p.chip}: {CHIPS[p.chip]} GB per chip, peak uses {p.peak / (CHIPS[p.chip] * GB):.0%}")
-    lines.append("not modelled: the sampler's prefill and gathered weights (python -m zenjax.compile has them)")
+    lines.append("not modelled: the sampler's prefill" + ("" if p.rollout_copy else " and gathered weights")
+                 + " (python -m zenjax.compile counts every buffer)")
     lines += [f"WARNING: {w}" for w in p.warnings()]
     return "\n".join(lines)
 

@@ -189,7 +189,7 @@ def _generate(graphdef, state, prompt_PL, pmask_PL, rng, temperature, top_p, pad
     out = model.hidden(prompt_PL, pmask_PL, cache=KVCache.init(model.cfg, P, cache_len))
     logits_NV = rep(model.logits(out.hidden_BTE[:, -1:])[:, 0], axis=0)
     kv_axes = (None, "batch", "act_kv_heads", None, None)
-    cache = KVCache(tuple(LayerCache(constrain(rep(c.k, axis=1), kv_axes), constrain(rep(c.v, axis=1), kv_axes))
+    cache = KVCache(tuple(LayerCache(*(constrain(rep(a, axis=1), kv_axes, model.cfg.rules) for a in (c.k, c.v)))
                           for c in out.cache.layers),
                     rep(out.cache.valid_BS, axis=0), out.cache.index)
     layers = None
@@ -227,4 +227,6 @@ def _generate(graphdef, state, prompt_PL, pmask_PL, rng, temperature, top_p, pad
         return (t + 1, out.cache, *emit(t, logits_NV, done_N, tokens_NM, mask_NM, logp_NM))
 
     _, _, _, _, tokens_NM, mask_NM, logp_NM = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, *init))
-    return SampleOutput(rep(prompt_PL, axis=0), rep(pmask_PL, axis=0), tokens_NM, mask_NM, logp_NM)
+    out = SampleOutput(rep(prompt_PL, axis=0), rep(pmask_PL, axis=0), tokens_NM, mask_NM, logp_NM)
+    # Rows over the batch axes as the trainer's batches are: each process then reads its own rows from its devices.
+    return SampleOutput(*(constrain(x, ("batch", None), model.cfg.rules) for x in out))

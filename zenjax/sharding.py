@@ -1,12 +1,15 @@
-"""Device mesh and THE table that maps logical axis names to mesh axes.
+"""Device mesh and the tables that map logical axis names to mesh axes, one per role of the weights.
 
-Model code names logical axes only (`embed`, `heads`, `experts`, ...). Changing the parallelism strategy
-is a change of mesh sizes or of `RULES`, never of model code.
+Model code names logical axes only (`embed`, `heads`, `experts`, ...) and takes its table from its config
+(`Qwen3Config.layout`). Changing the parallelism strategy is a change of mesh sizes or of a table, never of model
+code. TRAINING shards parameters and optimizer state (FSDP); ROLLOUT is the layout of the compute-dtype copy of
+the policy that decodes: replicated over the batch axes, so a decode step moves activations, never weights.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import types
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -17,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None for replicated).
-RULES: dict[str, Any] = {
+TRAINING: Mapping[str, Any] = types.MappingProxyType({
     # activations
     "batch": ("data", "fsdp", "expert"),  # every non-model axis shards the batch (FSDP/EP are data-parallel too)
     "seq": None,
@@ -37,10 +40,14 @@ RULES: dict[str, Any] = {
     "experts": "expert",
     "expert_mlp": "tensor",
     "norm": None,
-}
+})
+# Decoding: the hidden dim whole, experts over `expert`, heads / mlp / vocab over `tensor`. The batch is split as in
+# training, so the rows a process holds are the same in both layouts.
+ROLLOUT: Mapping[str, Any] = types.MappingProxyType({**TRAINING, "embed": None})
+LAYOUTS: Mapping[str, Mapping[str, Any]] = types.MappingProxyType({"training": TRAINING, "rollout": ROLLOUT})
 
 
-def logical_to_spec(axes: Sequence[str | None] | None, rules: dict[str, Any] = RULES) -> P:
+def logical_to_spec(axes: Sequence[str | None] | None, rules: Mapping[str, Any]) -> P:
     """PartitionSpec for a tuple of logical axis names; a mesh axis is used at most once (first wins)."""
     if axes is None:
         return P()
@@ -51,7 +58,7 @@ def logical_to_spec(axes: Sequence[str | None] | None, rules: dict[str, Any] = R
             out.append(None)
             continue
         if name not in rules:
-            raise KeyError(f"logical axis {name!r} has no rule in zenjax.sharding.RULES")
+            raise KeyError(f"logical axis {name!r} has no rule in the layout's table (zenjax.sharding)")
         mesh_axes = rules[name]
         mesh_axes = () if mesh_axes is None else (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
         mesh_axes = tuple(a for a in mesh_axes if a not in used)
@@ -76,12 +83,12 @@ def platform(mesh: Mesh | None = None) -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
-def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+def constrain(x: jax.Array, axes: Sequence[str | None], rules: Mapping[str, Any]) -> jax.Array:
     """Sharding constraint on an activation, a no-op when no mesh is set (single-device use)."""
     mesh = _current_mesh()
     if mesh is None:
         return x
-    spec = logical_to_spec(axes)
+    spec = logical_to_spec(axes, rules)
     # Drop mesh axes of size 1 and axes that don't divide the dimension (e.g. batch 1 while decoding).
     fixed = []
     for dim, entry in zip(x.shape, spec):
@@ -126,13 +133,13 @@ def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, de
     return Mesh(dev, MESH_AXES)
 
 
-def named(mesh: Mesh, axes: Sequence[str | None] | None) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(axes))
+def named(mesh: Mesh, axes: Sequence[str | None] | None, rules: Mapping[str, Any]) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, rules))
 
 
-def axis_size(mesh: Mesh, logical: str) -> int:
+def axis_size(mesh: Mesh, logical: str, rules: Mapping[str, Any]) -> int:
     """Number of shards a logical axis is split into on this mesh."""
-    spec = logical_to_spec((logical,))[0]
+    spec = logical_to_spec((logical,), rules)[0]
     names = () if spec is None else (spec,) if isinstance(spec, str) else spec
     return math.prod(mesh.shape[n] for n in names)
 
@@ -141,7 +148,7 @@ def _is_spec(x) -> bool:
     return isinstance(x, P)
 
 
-def param_shardings(mesh: Mesh, abstract_state) -> Any:
+def param_shardings(mesh: Mesh, abstract_state, rules: Mapping[str, Any]) -> Any:
     """NamedShardings for an nnx State (or abstract model state) from its logical axis names, as a pure dict.
 
     Raises a clear error when a dimension is not divisible by the mesh axes it is sharded over."""
@@ -151,7 +158,7 @@ def param_shardings(mesh: Mesh, abstract_state) -> Any:
     shapes = nnx.to_pure_dict(abstract_state)
 
     def one(path, spec, leaf):
-        mesh_spec = logical_to_spec(tuple(spec))
+        mesh_spec = logical_to_spec(tuple(spec), rules)
         for dim, (size, entry, name) in enumerate(zip(leaf.shape, mesh_spec, spec)):
             names = () if entry is None else (entry,) if isinstance(entry, str) else entry
             n = math.prod(mesh.shape[a] for a in names)
@@ -165,5 +172,12 @@ def param_shardings(mesh: Mesh, abstract_state) -> Any:
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Rows over the batch axes, everything else replicated."""
-    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
+    """Rows over the batch axes (the same in every layout), everything else replicated."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), TRAINING))
+
+
+def batch_rows(mesh: Mesh, n: int) -> np.ndarray:
+    """The rows of an n-row batch whose shards this process's devices hold, in order."""
+    index = batch_sharding(mesh, 1).addressable_devices_indices_map((n,)).values()
+    size = n // axis_size(mesh, "batch", TRAINING)
+    return np.concatenate([np.arange(s, s + size) for s in sorted({i[0].start or 0 for i in index})])

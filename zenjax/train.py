@@ -22,13 +22,13 @@ from absl import logging as absl_logging
 
 from zenjax import cli, distributed, hostmem, plan, sharding
 from zenjax.checkpoint import Checkpointer, frozen_reference, install_signal_handlers
-from zenjax.config import model_config_from, validate
+from zenjax.config import logprob_rows, model_config_from, validate
 from zenjax.data import PromptLoader, eval_items
 from zenjax.metrics import MetricsWriter
 from zenjax.rl import rewards, rollout
 from zenjax.tokenizer import Tokenizer, load_tokenizer
 from zenjax.train_state import RLHyper, State, abstract_state, init_state, make_functions, make_optimizer, \
-    make_sft_step
+    make_rollout_copy, make_sft_step
 from zenjax.weights import ParamsReader, load_weights, locate, read_config
 
 FLAGS = flags.FLAGS
@@ -36,19 +36,12 @@ VOCAB_MULTIPLE = 128  # a from-scratch vocabulary grown to cover its tokenizer i
 
 
 def _put(tree, mesh):
-    """Host batch -> arrays sharded over the batch axes (each process passes its `_local_rows`)."""
+    """Host batch -> arrays sharded over the batch axes (each process passes its `sharding.batch_rows`)."""
     def one(x):
         x = np.asarray(x)
         sh = sharding.batch_sharding(mesh, x.ndim)
         return jax.make_array_from_process_local_data(sh, x)
     return jax.tree.map(one, tree)
-
-
-def _local_rows(mesh, n: int) -> np.ndarray:
-    """The rows of an n-row global batch that this process passes to `_put`, in the order it expects them."""
-    size = n // sharding.axis_size(mesh, "batch")
-    index = sharding.batch_sharding(mesh, 1).addressable_devices_indices_map((n,)).values()
-    return np.concatenate([np.arange(s, s + size) for s in sorted({i[0].start or 0 for i in index})])
 
 
 @functools.partial(jax.jit, static_argnums=(1, 3))
@@ -76,10 +69,10 @@ def _sft_batch(items, tokenizer):
     return tokens, mask, target
 
 
-def evaluate(state: State, items, tokenizer, config, rng) -> float:
-    out = rollout.generate(state.model(), items, tokenizer, config.rl, rng, num_samples=1, greedy=True,
+def evaluate(policy, items, tokenizer, config, rng) -> float:
+    out = rollout.generate(policy, items, tokenizer, config.rl, rng, num_samples=1, greedy=True,
                            prompt_len=config.data.max_prompt_len)
-    r, _ = rewards.score(rollout.decode(tokenizer, out), items, dict(config.rewards))
+    r, _ = rewards.score(rollout.decode(tokenizer, rollout.fetch_all(out)), items, dict(config.rewards))
     return float(np.mean(r))
 
 
@@ -137,12 +130,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     updates_per_step = rl.minibatches
     tx, schedule = make_optimizer(config.optim, config.steps * updates_per_step // config.optim.grad_accum)
     hyper = RLHyper(rl.loss, rl.eps_low, rl.eps_high, rl.kl_coef, rl.logprob_chunk,
-                    completion_len=rl.max_new_tokens)
+                    completion_len=rl.max_new_tokens, logprob_rows=logprob_rows(rl))
     stop = install_signal_handlers()
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints,
                         save_every=config.checkpoint_every)
     key = jax.random.key(config.seed)
-    rows = _local_rows(mesh, rl.prompts_per_step * rl.group_size)
+    rows = sharding.batch_rows(mesh, rl.prompts_per_step * rl.group_size)
 
     with jax.set_mesh(mesh):
         graphdef, abs_params, abs_opt, param_sh, opt_sh = abstract_state(cfg, tx, mesh, config.seed)
@@ -162,32 +155,39 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         writer = MetricsWriter(workdir, config.steps, start, enabled=main)
         writer.log(f"{note}, on {mesh.size} {mesh.devices.flat[0].platform} device(s)")
         logprobs_fn, update_fn = make_functions(state, cfg, tx, hyper, mesh, schedule)
+        # Decoding reads a compute-dtype copy in the rollout layout, or (rl.rollout_copy=False) the training state.
+        policy_of = make_rollout_copy(cfg, mesh) if rl.rollout_copy else state.model
 
         if start == 0 and not meta.get("sft_done") and rl.sft_steps:
             state = _warm_up(state, config, tokenizer, mesh, writer)
             ckpt.save(0, state.params, state.opt_state, {"data": loader.get_state(), "sft_done": True}, force=True)
 
         ref_params = frozen_reference(workdir, state.params, abs_params) if rl.kl_coef > 0 else None
+
+        def old_policy(seq):
+            """The passes over the rollout batch that run while the host scores it."""
+            old_logp, entropy, routing = logprobs_fn(state.params, seq["tokens"], seq["mask"])
+            comp = seq["completion_mask"]
+            out = {"old_logp": seq["sampler_logp"] if rl.old_logprobs == "sampler" else old_logp,
+                   "entropy": jnp.sum(entropy * comp) / jnp.maximum(jnp.sum(comp), 1), "routing": routing}
+            if ref_params is not None:
+                out["ref_logp"] = logprobs_fn(ref_params, seq["tokens"], seq["mask"], with_entropy=False)[0]
+            return out
         history, bad_in_a_row, stopping = [], 0, False
         for step in range(start, config.steps):
             t0 = time.perf_counter()
             items = next(loader)
             rng = jax.random.fold_in(key, step)
-            batch, metrics, _ = rollout.collect(state.model(), items, tokenizer, rl, config.rewards, rng,
-                                                prompt_len=config.data.max_prompt_len, rows=rows)
+            batch, metrics, _ = rollout.collect(policy_of(state.params), items, tokenizer, rl, config.rewards, rng,
+                                                prompt_len=config.data.max_prompt_len, rows=rows, overlap=old_policy)
             t1 = time.perf_counter()
-            sampler_logp = batch.pop("sampler_logp")
-            batch = _put(batch, mesh)
-            old_logp, entropy, routing = logprobs_fn(state.params, batch["tokens"], batch["mask"])
-            comp = batch["completion_mask"]
-            entropy = jnp.sum(entropy * comp) / jnp.maximum(jnp.sum(comp), 1)  # read back with the update metrics
-            batch["old_logp"] = _put(sampler_logp, mesh) if rl.old_logprobs == "sampler" else old_logp
+            del batch["sampler_logp"]
+            batch["adv"] = _put(batch["adv"], mesh)
+            entropy, routing = batch.pop("entropy"), batch.pop("routing")  # entropy: read with the update metrics
             if routing:
                 batch["old_topk"] = routing["topk"]
-            if ref_params is not None:
-                batch["ref_logp"] = logprobs_fn(ref_params, batch["tokens"], batch["mask"], with_entropy=False)[0]
             jax.block_until_ready(batch)
-            t2 = time.perf_counter()
+            t2 = time.perf_counter()  # the old-log-prob passes not hidden behind the rewards
             mb_metrics = []
             for i in range(rl.minibatches):
                 state.params, state.opt_state, m = update_fn(state.params, state.opt_state,
@@ -207,7 +207,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                            tok_per_s=float(n_tok * (rl.minibatches + 1) / max(t3 - t1, 1e-9)),
                            sampled_tok_per_s=metrics["sampled_tokens"] / max(metrics["time_sampling"], 1e-9))
             if config.eval_every and (step + 1) % config.eval_every == 0:
-                metrics["eval_reward"] = evaluate(state, held_out, tokenizer, config, jax.random.key(0))
+                metrics["eval_reward"] = evaluate(policy_of(state.params), held_out, tokenizer, config,
+                                                  jax.random.key(0))
             writer.write(step + 1, metrics)
             history.append(dict(metrics, step=step + 1))
             if bad_in_a_row >= config.optim.max_bad_steps:
@@ -241,7 +242,7 @@ def _warm_up(state: State, config, tokenizer, mesh, writer) -> State:
     n = rl.prompts_per_step * rl.group_size
     # The whole batch on every process: its padded length must be the same everywhere.
     loader = PromptLoader(config.data, tokenizer, batch_size=n, seed=config.seed + 1)
-    rows = _local_rows(mesh, n)
+    rows = sharding.batch_rows(mesh, n)
     params, opt_state = sft_state.params, sft_state.opt_state
     for i in range(rl.sft_steps):
         tokens, mask, target = _put(tuple(x[rows] for x in _sft_batch(next(loader), tokenizer)), mesh)

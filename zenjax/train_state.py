@@ -87,7 +87,7 @@ def abstract_state(cfg: Qwen3Config, tx, mesh: Mesh, seed: int = 0):
     """(graphdef, abstract params, abstract opt state, param shardings, opt shardings) without allocating."""
     # jax.eval_shape, not nnx.eval_shape: the latter turns logical names into shardings of the current mesh.
     graphdef, abs_state = jax.eval_shape(lambda: nnx.split(Qwen3(cfg, rngs=nnx.Rngs(seed))))
-    param_sh = sharding.param_shardings(mesh, abs_state)
+    param_sh = sharding.param_shardings(mesh, abs_state, cfg.rules)
     abs_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               nnx.to_pure_dict(abs_state), param_sh)
     abs_opt = jax.eval_shape(tx.init, abs_params)
@@ -99,6 +99,29 @@ def abstract_state(cfg: Qwen3Config, tx, mesh: Mesh, seed: int = 0):
                           is_leaf=lambda x: x is None or isinstance(x, NamedSharding))
     abs_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_opt, opt_sh)
     return graphdef, abs_params, abs_opt, param_sh, opt_sh
+
+
+def rollout_config(cfg: Qwen3Config) -> Qwen3Config:
+    """The policy as the sampler holds it: weights in the compute dtype, placed by the rollout rules."""
+    return dataclasses.replace(cfg, param_dtype=cfg.dtype, layout="rollout")
+
+
+def abstract_rollout_params(cfg: Qwen3Config, mesh: Mesh):
+    """(graphdef, abstract params with their shardings) of the rollout copy of a `cfg` policy."""
+    rcfg = rollout_config(cfg)
+    graphdef, abs_state = jax.eval_shape(lambda: nnx.split(Qwen3(rcfg, rngs=nnx.Rngs(0))))
+    shardings = sharding.param_shardings(mesh, abs_state, rcfg.rules)
+    return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  nnx.to_pure_dict(abs_state), shardings)
+
+
+def make_rollout_copy(cfg: Qwen3Config, mesh: Mesh) -> Callable[[Params], Qwen3]:
+    """`copy(params)`: the policy re-laid out for decoding, once per rollout, so that the decode loop reads local
+    weights instead of all-gathering the FSDP shards at every token. Cast first: the reshard moves half the bytes."""
+    graphdef, abstract = abstract_rollout_params(cfg, mesh)
+    out_sh = jax.tree.map(lambda a: a.sharding, abstract)
+    cast = jax.jit(lambda p: jax.tree.map(lambda x, a: x.astype(a.dtype), p, abstract), out_shardings=out_sh)
+    return lambda params: nnx.merge(graphdef, cast(params))
 
 
 def init_state(cfg: Qwen3Config, tx, mesh: Mesh, seed: int = 0, params: Params | None = None) -> State:
@@ -119,6 +142,7 @@ class RLHyper:
     kl_coef: float
     chunk: int
     completion_len: int | None = None  # targets scored per sequence, the last ones (a rollout's completions)
+    logprob_rows: int = 0  # sequences per pass of the log-prob function (0: the whole batch at once)
 
 
 def _moe_terms(model: Qwen3, aux, global_counts=None):
@@ -150,18 +174,36 @@ def make_functions(state: State, cfg: Qwen3Config, tx, hyper: RLHyper, mesh: Mes
                                      last=hyper.completion_len)
         return model, res, aux
 
-    @functools.partial(jax.jit, static_argnames="with_entropy")
-    def logprobs(params, tokens_NT, mask_NT, with_entropy=True):
-        """Per-token log-probs and entropies, and for MoE the routing of the whole batch: every token's top-k
-        experts ([N, L, T, k], rows first so minibatches slice them; uint8 saves memory) and the per-layer expert
-        counts that global-batch balancing (`balance_global_batch`) pools over all minibatches of the step.
-        The policy's entropy is logged from here, once per step, rather than from every update's forward."""
+    def one_pass(params, tokens_NT, mask_NT, with_entropy):
         _, res, aux = forward(params, tokens_NT, mask_NT, with_entropy=with_entropy)
         logp, ent = res if with_entropy else (res, None)
         if not aux:
             return logp, ent, {}
         topk = jnp.moveaxis(aux["topk"], 0, 1).astype(jnp.uint8 if cfg.num_experts <= 256 else jnp.int32)
         return logp, ent, {"topk": topk, "counts": {k: aux[k] for k in ("expert_counts", "tokens")}}
+
+    @functools.partial(jax.jit, static_argnames="with_entropy")
+    def logprobs(params, tokens_NT, mask_NT, with_entropy=True):
+        """Per-token log-probs and entropies, and for MoE the routing of the whole batch: every token's top-k
+        experts ([N, L, T, k], rows first so minibatches slice them; uint8 saves memory) and the per-layer expert
+        counts that global-batch balancing (`balance_global_batch`) pools over all minibatches of the step.
+        The policy's entropy is logged from here, once per step, rather than from every update's forward.
+        Runs `hyper.logprob_rows` sequences at a time, so memory follows that, not the rollout batch."""
+        N = tokens_NT.shape[0]
+        size = hyper.logprob_rows or N
+        if N % size:
+            raise ValueError(f"log-prob pass: {N} sequences are not divisible into passes of {size}")
+        if size == N:
+            return one_pass(params, tokens_NT, mask_NT, with_entropy)
+        m = N // size
+        # Pass i takes rows i, i + m, i + 2m, ...: a strided split keeps every row on the device that holds it.
+        split = lambda a: jnp.moveaxis(a.reshape(size, m, *a.shape[1:]), 1, 0)  # noqa: E731
+        join = lambda a: jnp.moveaxis(a, 0, 1).reshape(N, *a.shape[2:])  # noqa: E731
+        logp, ent, routing = jax.lax.map(lambda xs: one_pass(params, *xs, with_entropy),
+                                         (split(tokens_NT), split(mask_NT)))
+        if routing:
+            routing = {"topk": join(routing["topk"]), "counts": jax.tree.map(lambda c: c.sum(0), routing["counts"])}
+        return join(logp), None if ent is None else join(ent), routing
 
     def update(params, opt_state, batch, global_counts):
         def objective(params):

@@ -32,7 +32,7 @@ from jax.sharding import Mesh
 
 from zenjax.models.hf import Path, param_shapes
 from zenjax.models.qwen3 import Qwen3, Qwen3Config
-from zenjax.sharding import MESH_AXES, logical_to_spec, param_shardings
+from zenjax.sharding import MESH_AXES, TRAINING, logical_to_spec, param_shardings
 
 PARAMS = "params"
 CONFIG = "config.json"
@@ -160,7 +160,7 @@ def _write_shape(shape: tuple[int, ...], axes: tuple, mesh_shape: Mapping[str, i
     """One device's shard for `mesh_shape`, one layer at a time: restoring onto that mesh then reads whole
     chunks."""
     out = []
-    for size, name, entry in zip(shape, axes, logical_to_spec(axes)):
+    for size, name, entry in zip(shape, axes, logical_to_spec(axes, TRAINING)):
         names = () if entry is None else (entry,) if isinstance(entry, str) else entry
         n = int(np.prod([(mesh_shape or {}).get(a, 1) for a in names]))
         out.append(1 if name == "layers" else size // n if size % n == 0 else size)
@@ -386,7 +386,7 @@ def load_weights(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype=Non
     if mesh is not None:
         # jax.eval_shape, not nnx.eval_shape: that one resolves the logical names against the current mesh.
         abstract = jax.eval_shape(lambda: nnx.state(Qwen3(cfg, rngs=nnx.Rngs(0)), nnx.Param))
-        shardings = _flatten(param_shardings(mesh, abstract))
+        shardings = _flatten(param_shardings(mesh, abstract, cfg.rules))
     args = {}
     for p, (shape, _) in shapes.items():
         dt = np.dtype(dtype) if dtype is not None else reader.dtype(p)

@@ -1,6 +1,6 @@
 """Causal attention over padded sequences, with the fused kernel of each platform; memory linear in length.
 
-`attention(q, k, v, mask_BT, platform=...)` is the one entry point (training, log-prob passes and prefill):
+`attention(q, k, v, mask_BT, platform=..., rules=...)` is the one entry point (training, log-prob passes and prefill):
 query t attends key s when s <= t and token s is real (mask_BT). Query rows of padding get finite values that
 nothing real depends on. Grouped-query heads attend their KV head without K/V being repeated.
 - "tpu": the Pallas splash-attention kernel (causal mask, padding as segment ids) per device under shard_map.
@@ -27,10 +27,11 @@ BLOCK = 512  # keys per block of the blockwise path; [G*T, BLOCK] float32 scores
 SPLASH_BLOCK = 512  # largest splash tile; sequences are padded to a multiple of the tile
 
 
-def attention(q_BTHD, k_BTKD, v_BTKD, mask_BT, *, platform: str) -> jax.Array:
-    """softmax(q k^T / sqrt(D)) v over allowed keys, [B, T, H, D] in the dtype of q."""
+def attention(q_BTHD, k_BTKD, v_BTKD, mask_BT, *, platform: str, rules) -> jax.Array:
+    """softmax(q k^T / sqrt(D)) v over allowed keys, [B, T, H, D] in the dtype of q; `rules` (the model's layout
+    table) says how the activations are split over the mesh."""
     if platform == "tpu":
-        return _splash(q_BTHD, k_BTKD, v_BTKD, mask_BT, interpret=mesh_platform() != "tpu")
+        return _splash(q_BTHD, k_BTKD, v_BTKD, mask_BT, rules=rules, interpret=mesh_platform() != "tpu")
     if platform == "gpu":  # cuDNN's flash kernels take 16-bit inputs; float32 runs XLA's version of the call
         fused = mesh_platform() == "gpu" and q_BTHD.dtype in (jnp.bfloat16, jnp.float16)
         return _cudnn(q_BTHD, k_BTKD, v_BTKD, mask_BT, implementation="cudnn" if fused else None)
@@ -151,7 +152,7 @@ _blocks.defvjp(_blocks_fwd, _blocks_bwd)
 
 # ------------------------------------------------------------------------------------------------ TPU: splash
 
-def _splash(q_BTHD, k_BTKD, v_BTKD, mask_BT, *, interpret: bool):
+def _splash(q_BTHD, k_BTKD, v_BTKD, mask_BT, *, rules, interpret: bool):
     """Splash attention per device: batch and heads split as the activations are, each device's rows vmapped over
     a kernel for its heads. Real tokens are segment 1 and padding 0, so a real query sees real keys only."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash  # noqa: PLC0415
@@ -179,7 +180,7 @@ def _splash(q_BTHD, k_BTKD, v_BTKD, mask_BT, *, interpret: bool):
     if mesh.empty or math.prod(mesh.shape.values()) == 1:
         out_BHTD = local(q_BHTD, k_BKTD, v_BKTD, seg_BT)
     else:
-        batch, heads, kv_heads = (_axes(logical_to_spec((name,))[0], mesh, size)
+        batch, heads, kv_heads = (_axes(logical_to_spec((name,), rules)[0], mesh, size)
                                   for name, size in (("batch", B), ("act_heads", H), ("act_kv_heads", k_BTKD.shape[2])))
         if heads != kv_heads:  # both split over the same axes, or neither: each device keeps whole KV groups
             heads = kv_heads = ()

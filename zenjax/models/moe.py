@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from zenjax.models.qwen3 import Qwen3Config, param
-from zenjax.sharding import RULES, logical_to_spec
+from zenjax.sharding import logical_to_spec
 
 F32 = jnp.float32
 GATE_AXES = ("experts", "embed", "expert_mlp")  # also up
@@ -58,7 +58,7 @@ class MoEBlock(nnx.Module):
             y_BTE = _reference(x_BTE.astype(dt), idx_BTK, w_BTK, *weights)
         else:  # the grouped-matmul kernel of accelerators (megablox on TPU); XLA:CPU runs blocks of rows faster
             kernel = "blocked" if cfg.kernel_platform() == "cpu" else "ragged_dot"
-            y_BTE = _sharded_experts(x_BTE.astype(dt), idx_BTK, w_BTK, *weights, kernel=kernel)
+            y_BTE = _sharded_experts(x_BTE.astype(dt), idx_BTK, w_BTK, *weights, kernel=kernel, rules=cfg.rules)
         return y_BTE, _router_aux(logits_BTX, probs_BTX, idx_BTK, mask_BT)
 
     def split_experts(self):
@@ -126,14 +126,14 @@ def _mesh_axes(entry) -> tuple[str, ...]:
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def _sharded_experts(x_BTE, idx_BTK, w_BTK, gate_XEF, up_XEF, down_XFE, *, kernel: str):
+def _sharded_experts(x_BTE, idx_BTK, w_BTK, gate_XEF, up_XEF, down_XFE, *, kernel: str, rules):
     mesh = jax.sharding.get_abstract_mesh()
     if _on_one_device(mesh):
         y_NE = _local_experts(x_BTE.reshape(-1, x_BTE.shape[-1]), idx_BTK.reshape(-1, idx_BTK.shape[-1]),
                               w_BTK.reshape(-1, w_BTK.shape[-1]), gate_XEF, up_XEF, down_XFE, 0, kernel)
         return y_NE.reshape(x_BTE.shape)
 
-    gate_spec, down_spec = logical_to_spec(GATE_AXES), logical_to_spec(DOWN_AXES)
+    gate_spec, down_spec = logical_to_spec(GATE_AXES, rules), logical_to_spec(DOWN_AXES, rules)
     ep = _mesh_axes(gate_spec[0])  # mesh axes splitting the experts
     tp = _mesh_axes(gate_spec[2])  # ... splitting each expert's width (partial sums, one psum)
     fsdp = _mesh_axes(gate_spec[1])  # ... splitting the hidden dim of the weights (all-gathered inside)
@@ -144,7 +144,7 @@ def _sharded_experts(x_BTE, idx_BTK, w_BTK, gate_XEF, up_XEF, down_XFE, *, kerne
                          f"(mesh axes {ep})")
     # The batch is split like every activation (rules' "batch"), or kept whole when it does not divide (decoding
     # a single sequence): then every device of an expert group already holds all tokens and nothing is gathered.
-    batch = _mesh_axes(RULES["batch"])
+    batch = _mesh_axes(rules["batch"])
     if x_BTE.shape[0] % math.prod(mesh.shape[a] for a in batch):
         batch = ()
     gather_ep = tuple(a for a in ep if a in batch)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zenjax.models.attention import attention
-from zenjax.sharding import constrain, platform
+from zenjax.sharding import LAYOUTS, constrain, platform
 
 # Logical axis names live on the Variables; creating them must not need a mesh.
 flax.config.update("flax_always_shard_variable", False)
@@ -51,6 +51,7 @@ class Qwen3Config:
     moe_impl: str = "ragged"  # "ragged" (dropless grouped matmul) or "reference" (every expert, tests only)
     balance_global_batch: bool = False  # load-balance statistics summed over the data axes before the product
     kernels: str = "auto"  # whose kernels run: the mesh devices' platform, or "cpu" / "tpu" / "gpu" forced (tests)
+    layout: str = "training"  # the zenjax.sharding table placing weights and activations: "training" | "rollout"
 
     def __post_init__(self):
         object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
@@ -71,6 +72,13 @@ class Qwen3Config:
                 raise ValueError(f"moe_impl={self.moe_impl!r}: expected 'ragged' or 'reference'")
         if self.kernels not in ("auto", "cpu", "tpu", "gpu"):
             raise ValueError(f"kernels={self.kernels!r}: expected 'auto', 'cpu', 'tpu' or 'gpu'")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout={self.layout!r}: expected one of {', '.join(LAYOUTS)}")
+
+    @property
+    def rules(self):
+        """Logical axis -> mesh axes for this model's weights and activations."""
+        return LAYOUTS[self.layout]
 
     def kernel_platform(self) -> str:
         """The platform whose kernels and code paths the model runs (see `kernels`)."""
@@ -240,7 +248,7 @@ class Attention(nnx.Module):
         q_BTHD = self.q_norm(jnp.einsum("bte,ehd->bthd", x, self.q[...].astype(dt)))
         k_BTKD = self.k_norm(jnp.einsum("bte,ekd->btkd", x, self.k[...].astype(dt)))
         v_BTKD = jnp.einsum("bte,ekd->btkd", x, self.v[...].astype(dt))
-        q_BTHD = constrain(rope(q_BTHD, positions_BT, cfg.rope_theta), ("batch", "seq", "act_heads", None))
+        q_BTHD = constrain(rope(q_BTHD, positions_BT, cfg.rope_theta), ("batch", "seq", "act_heads", None), cfg.rules)
         k_BTKD = rope(k_BTKD, positions_BT, cfg.rope_theta)
         if kv is not None:  # write the new keys/values at the cache's next slots
             k_BKDS, v_BKSD = kv
@@ -254,7 +262,8 @@ class Attention(nnx.Module):
             q_BKGD = q_BTHD.reshape(B, cfg.num_kv_heads, H // cfg.num_kv_heads, D)
             out_BTHD = self._decode_attention(q_BKGD, *kv, valid_BS)[:, None].astype(dt)
         else:  # training, and the prefill of an empty cache: the new tokens among themselves
-            out_BTHD = attention(q_BTHD, k_BTKD.astype(dt), v_BTKD.astype(dt), mask_BT, platform=cfg.kernel_platform())
+            out_BTHD = attention(q_BTHD, k_BTKD.astype(dt), v_BTKD.astype(dt), mask_BT, platform=cfg.kernel_platform(),
+                                 rules=cfg.rules)
         # Heads flattened on both sides: as a 4-d contraction, XLA:CPU transposes the whole o weight at every
         # decode step to match the attention output's layout.
         out_BTE = out_BTHD.reshape(B, T, H * D) @ self.o[...].astype(dt).reshape(H * D, -1)
@@ -277,6 +286,7 @@ class MLP(nnx.Module):
     def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
         E, F = cfg.hidden_size, cfg.intermediate_size
         self.dtype = jnp.dtype(cfg.dtype)
+        self.layout = cfg.layout
         self.gate = param(rngs, cfg, (E, F), ("embed", "mlp"))
         self.up = param(rngs, cfg, (E, F), ("embed", "mlp"))
         self.down = param(rngs, cfg, (F, E), ("mlp", "embed"))
@@ -284,16 +294,16 @@ class MLP(nnx.Module):
     def __call__(self, x_BTE, mask_BT):
         dt = self.dtype
         w = (self.gate[...].astype(dt), self.up[...].astype(dt), self.down[...].astype(dt))
-        return _swiglu(x_BTE.astype(dt), *w), {}
+        return _swiglu(x_BTE.astype(dt), *w, self.layout), {}
 
 
-def _swiglu_fwd(x_BTE, gate_EF, up_EF, down_FE):
-    g_BTF = constrain(x_BTE @ gate_EF, ("batch", "seq", "act_mlp"))
-    u_BTF = constrain(x_BTE @ up_EF, ("batch", "seq", "act_mlp"))
+def _swiglu_fwd(x_BTE, gate_EF, up_EF, down_FE, layout):
+    g_BTF = constrain(x_BTE @ gate_EF, ("batch", "seq", "act_mlp"), LAYOUTS[layout])
+    u_BTF = constrain(x_BTE @ up_EF, ("batch", "seq", "act_mlp"), LAYOUTS[layout])
     return (jax.nn.silu(g_BTF) * u_BTF) @ down_FE, (x_BTE, g_BTF, u_BTF, gate_EF, up_EF, down_FE)
 
 
-def _swiglu_bwd(res, dy_BTE):
+def _swiglu_bwd(layout, res, dy_BTE):
     # Hand-written so that only x, g and u are kept from the forward pass, and the elementwise derivative is one
     # fused float32 pass; autodiff stores sigmoid products too and fuses a transpose into the derivative.
     x_BTE, g_BTF, u_BTF, gate_EF, up_EF, down_FE = res
@@ -302,8 +312,9 @@ def _swiglu_bwd(res, dy_BTE):
     sig = jax.nn.sigmoid(g)
     act = g * sig
     dh_BTF = (dy_BTE @ down_FE.T).astype(jnp.float32)
-    dg_BTF = constrain((dh_BTF * u * sig * (1 + g * (1 - sig))).astype(dt), ("batch", "seq", "act_mlp"))
-    du_BTF = constrain((dh_BTF * act).astype(dt), ("batch", "seq", "act_mlp"))
+    act_axes, rules = ("batch", "seq", "act_mlp"), LAYOUTS[layout]
+    dg_BTF = constrain((dh_BTF * u * sig * (1 + g * (1 - sig))).astype(dt), act_axes, rules)
+    du_BTF = constrain((dh_BTF * act).astype(dt), act_axes, rules)
     h_BTF = (act * u).astype(dt)
     dx_BTE = dg_BTF @ gate_EF.T + du_BTF @ up_EF.T
     # down's gradient as (dy^T h)^T: the matmul then transposes the embed-sized dy, not the mlp-sized h.
@@ -311,7 +322,8 @@ def _swiglu_bwd(res, dy_BTE):
             jnp.einsum("bte,btf->ef", dy_BTE, h_BTF).T)
 
 
-_swiglu = jax.custom_vjp(lambda x, gate, up, down: _swiglu_fwd(x, gate, up, down)[0])
+_swiglu = jax.custom_vjp(lambda x, gate, up, down, layout: _swiglu_fwd(x, gate, up, down, layout)[0],
+                         nondiff_argnums=(4,))
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
@@ -330,7 +342,7 @@ class Block(nnx.Module):
         h, kv = self.attn(self.input_norm(x_BTE), positions_BT, mask_BT, kv, index, valid_BS)
         x_BTE = x_BTE + h.astype(x_BTE.dtype)
         h, aux = self.mlp(self.post_attn_norm(x_BTE), mask_BT)
-        x_BTE = constrain(x_BTE + h.astype(x_BTE.dtype), ("batch", "seq", "act_embed"))
+        x_BTE = constrain(x_BTE + h.astype(x_BTE.dtype), ("batch", "seq", "act_embed"), self.attn.cfg.rules)
         return x_BTE, kv, aux
 
 
@@ -393,7 +405,7 @@ class Qwen3(nnx.Module):
             index = cache.index
             valid_BS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BS, mask_BT, index, axis=1)
         x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(jnp.dtype(cfg.dtype))
-        x = constrain(x, ("batch", "seq", "act_embed"))
+        x = constrain(x, ("batch", "seq", "act_embed"), cfg.rules)
 
         args = (x, positions_BT, mask_BT, cache, index, valid_BS)
         x, new_layers, aux_list = self._scan_stacks(*args) if layers is None else self._one_by_one(layers, *args)
@@ -445,14 +457,14 @@ class Qwen3(nnx.Module):
         else:
             logits = jnp.einsum("bte,ev->btv", hidden_BTE.astype(dt), self.head_weight().astype(dt),
                                 preferred_element_type=jnp.float32)
-        return constrain(logits, ("batch", "seq", "act_vocab"))
+        return constrain(logits, ("batch", "seq", "act_vocab"), self.cfg.rules)
 
     def __call__(self, tokens_BT, mask_BT=None, positions_BT=None):
         out = self.hidden(tokens_BT, mask_BT, positions_BT)
         return self.logits(out.hidden_BTE), out.aux
 
 
-def token_logprobs(hidden_BTE, head_ED, targets_BT, *, dtype=jnp.float32, chunk: int = 256,
+def token_logprobs(hidden_BTE, head_ED, targets_BT, *, rules, dtype=jnp.float32, chunk: int = 256,
                    with_entropy: bool = False):
     """log p(target) per token (and the entropy of the distribution), in float32, without materialising the
     whole [B, T, V] logits: the sequence is cut into chunks and each chunk's logits are recomputed in backward
@@ -470,7 +482,7 @@ def token_logprobs(hidden_BTE, head_ED, targets_BT, *, dtype=jnp.float32, chunk:
     def one(args):
         h_BCE, t_BC = args
         logits = jnp.einsum("bce,ev->bcv", h_BCE.astype(dtype), w, preferred_element_type=jnp.float32)
-        logits = constrain(logits, ("batch", "seq", "act_vocab"))
+        logits = constrain(logits, ("batch", "seq", "act_vocab"), rules)
         lse = jax.nn.logsumexp(logits, axis=-1)
         logp = jnp.take_along_axis(logits, t_BC[..., None], axis=-1)[..., 0] - lse
         ent = lse - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1) if with_entropy else lse * 0
@@ -488,7 +500,7 @@ def sequence_logprobs(model: Qwen3, tokens_BT, mask_BT, *, chunk: int = 256, wit
     out = model.hidden(tokens_BT, mask_BT)
     start = 0 if last is None else max(tokens_BT.shape[1] - 1 - last, 0)
     res = token_logprobs(out.hidden_BTE[:, start:-1], model.head_weight(), tokens_BT[:, start + 1:],
-                         dtype=jnp.dtype(model.cfg.dtype), chunk=chunk, with_entropy=with_entropy)
+                         rules=model.cfg.rules, dtype=jnp.dtype(model.cfg.dtype), chunk=chunk, with_entropy=with_entropy)
     if start:
         pad = lambda a: jnp.pad(a, ((0, 0), (start, 0)))  # noqa: E731
         res = tuple(map(pad, res)) if with_entropy else pad(res)

@@ -1,16 +1,19 @@
-"""Prompts -> G completions each -> rewards -> group advantages -> one training batch (host numpy).
+"""Prompts -> G completions each -> rewards -> group advantages -> one training batch.
 
 Multi-process runs: every process passes the same global prompt list, so the jitted sampler sees the same
-(replicated) inputs everywhere, and gets every completion back. Each process then scores and batches only
-its own `rows` (whole groups: advantages stay local); the metrics cover the whole batch.
+(replicated) inputs everywhere. Its outputs stay on the devices, rows split over the batch axes; each process
+fetches only its own `rows` (whole groups: advantages stay local) from its own devices, decodes and scores them;
+the metrics cover the whole batch.
 """
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -18,19 +21,18 @@ from zenjax import sampling
 from zenjax.rl import losses, rewards
 
 
-def to_batch(out: sampling.SampleOutput, rewards_N: np.ndarray, group_size: int, scale_std: bool) -> dict:
-    """Concatenate prompt and completion into one sequence; masks and log-probs aligned with the targets
+@jax.jit
+def sequences(out: sampling.SampleOutput) -> dict:
+    """Prompt and completion as one sequence, on device; masks and log-probs aligned with the targets
     tokens[:, 1:], so position t of `completion_mask` / `sampler_logp` describes token t+1."""
-    prompt, pmask = np.asarray(out.prompt_tokens), np.asarray(out.prompt_mask, bool)
-    comp, cmask = np.asarray(out.tokens), np.asarray(out.mask, bool)
-    n, lp = prompt.shape
-    lead = np.zeros((n, lp - 1), np.float32)
+    n, lp = out.prompt_tokens.shape
+    lead = jnp.zeros((n, lp - 1), jnp.float32)
+    cmask = out.mask.astype(jnp.float32)
     return {
-        "tokens": np.concatenate([prompt, comp], axis=1).astype(np.int32),
-        "mask": np.concatenate([pmask, cmask], axis=1),
-        "completion_mask": np.concatenate([lead, cmask.astype(np.float32)], axis=1),
-        "sampler_logp": np.concatenate([lead, np.asarray(out.logprobs, np.float32) * cmask], axis=1),
-        "adv": np.asarray(losses.group_advantages(rewards_N, group_size, scale_std=scale_std)),
+        "tokens": jnp.concatenate([out.prompt_tokens, out.tokens], axis=1).astype(jnp.int32),
+        "mask": jnp.concatenate([out.prompt_mask, out.mask], axis=1),
+        "completion_mask": jnp.concatenate([lead, cmask], axis=1),
+        "sampler_logp": jnp.concatenate([lead, out.logprobs.astype(jnp.float32) * cmask], axis=1),
     }
 
 
@@ -44,14 +46,31 @@ def _fetch(x: jax.Array) -> np.ndarray:
     return np.asarray(x) if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)
 
 
+def _own_rows(x: jax.Array, rows: np.ndarray) -> np.ndarray:
+    """Rows `rows` of a row-split array, read from this process's devices only."""
+    if x.is_fully_addressable:
+        return np.asarray(x)[rows]
+    shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}  # replicas of a shard: read once
+    held = np.concatenate([np.arange(start, start + shards[start].shape[0]) for start in sorted(shards)])
+    pos = np.minimum(np.searchsorted(held, rows), len(held) - 1)
+    if not np.array_equal(held[pos], rows):
+        raise ValueError("rollout rows are not on this process's devices: pass the rows of its batch shards")
+    return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])[pos]
+
+
 def generate(model, items: list[dict], tokenizer, rl, rng: jax.Array, *, num_samples: int, prompt_len: int,
              greedy: bool = False) -> sampling.SampleOutput:
-    """Completions of the same `items` on every process; all rows come back as numpy on every host. Prompts are
-    padded to `prompt_len` tokens, so that the sampler and the training functions compile once per run."""
+    """Completions of the same `items` on every process, on device (rows over the batch axes), finished. Prompts
+    are padded to `prompt_len` tokens, so that the sampler and the training functions compile once per run."""
     out = sampling.sample(model, [it["prompt_ids"] for it in items], num_samples=num_samples,
                           max_new_tokens=rl.max_new_tokens, rng=rng, temperature=rl.temperature, top_k=rl.top_k,
                           top_p=rl.top_p, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id, greedy=greedy,
                           prompt_len=prompt_len, vocab_limit=tokenizer.vocab_size)
+    return jax.block_until_ready(out)
+
+
+def fetch_all(out: sampling.SampleOutput) -> sampling.SampleOutput:
+    """Every row as numpy on every host (evaluation batches are small)."""
     return sampling.SampleOutput(*map(_fetch, out))
 
 
@@ -63,15 +82,16 @@ def _allgather_json(value) -> list:
     return [json.loads(bytes(row).rstrip(b"\0")) for row in gathered]  # JSON text never holds a NUL
 
 
-def _whole_batch(r: np.ndarray, info: dict, rows: np.ndarray, n: int) -> tuple[np.ndarray, dict]:
-    """All n rewards and the reward info of the whole batch, from each process's share."""
+def _whole_batch(r: np.ndarray, lengths: np.ndarray, info: dict, rows: np.ndarray,
+                 n: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """All n rewards and completion lengths and the reward info of the whole batch, from each process's share."""
     if jax.process_count() == 1:
-        return r, info
-    gathered = _allgather_json({"rows": rows.tolist(), "r": r.tolist(), "info": info})
+        return r, lengths, info
+    gathered = _allgather_json({"rows": rows.tolist(), "r": r.tolist(), "len": lengths.tolist(), "info": info})
     shares = list({tuple(s["rows"]): s for s in gathered}.values())  # a batch replicated over processes counts once
-    r_all = np.zeros(n, np.float32)
+    r_all, len_all = np.zeros(n, np.float32), np.zeros(n, np.int64)
     for s in shares:
-        r_all[s["rows"]] = s["r"]
+        r_all[s["rows"]], len_all[s["rows"]] = s["r"], s["len"]
     merged = {}
     for k in sorted(set().union(*(s["info"] for s in shares))):
         values = [s["info"].get(k, 0) for s in shares]
@@ -79,15 +99,19 @@ def _whole_batch(r: np.ndarray, info: dict, rows: np.ndarray, n: int) -> tuple[n
             merged[k] = sum(v * len(s["rows"]) for v, s in zip(values, shares)) / n
         else:
             merged[k] = max(values) if k.endswith("time_s") else sum(values)
-    return r_all, merged
+    return r_all, len_all, merged
 
 
 def collect(model, items: list[dict], tokenizer, rl, reward_weights: dict[str, float], rng: jax.Array, *,
-            prompt_len: int, rows: np.ndarray | None = None):
-    """One rollout batch of len(items) * group_size rows, grouped [p0 g0..g(G-1), p1 ...], and its metrics.
+            prompt_len: int, rows: np.ndarray | None = None, overlap: Callable[[dict], dict] | None = None):
+    """One rollout batch of len(items) * group_size rows, grouped [p0 g0..g(G-1), p1 ...], its metrics and this
+    process's texts.
 
-    `items` are the global batch (the same on every process); this process keeps `rows` (default all), which
-    must be whole groups, for decoding, rewards and the returned batch and texts."""
+    `items` are the global batch (the same on every process); this process fetches, decodes and scores its `rows`
+    (default all), which must be whole groups and held by its devices. The batch's sequences stay on device, whole;
+    its "adv" are this process's rows, as numpy. `overlap(batch)`, when given, is called before the host work
+    with the device batch: what it dispatches (the old-log-prob pass) runs while rewards are scored, and the
+    arrays it returns join the batch."""
     G, n = rl.group_size, len(items) * rl.group_size
     rows = np.arange(n) if rows is None else np.asarray(rows)
     if len(rows) % G or not np.array_equal(rows, (rows[::G, None] // G * G + np.arange(G)).ravel()):
@@ -95,12 +119,14 @@ def collect(model, items: list[dict], tokenizer, rl, reward_weights: dict[str, f
     t0 = time.perf_counter()
     out = generate(model, items, tokenizer, rl, rng, num_samples=G, prompt_len=prompt_len)
     t1 = time.perf_counter()
-    mine = sampling.SampleOutput(*(x[rows] for x in out))
+    batch = sequences(out)
+    if overlap is not None:
+        batch.update(overlap(batch))
+    mine = sampling.SampleOutput(*(_own_rows(x, rows) for x in out))
     texts = decode(tokenizer, mine)
     r, info = rewards.score(texts, [items[i // G] for i in rows], dict(reward_weights))
-    batch = to_batch(mine, r, G, rl.scale_std)
-    r, info = _whole_batch(r, info, rows, n)
-    lengths = out.mask.sum(1)
+    batch["adv"] = np.asarray(losses.group_advantages(r, G, scale_std=rl.scale_std))
+    r, lengths, info = _whole_batch(r, mine.mask.sum(1), info, rows, n)
     by_group = r.reshape(-1, G)
     metrics: dict[str, Any] = {
         "reward_mean": float(r.mean()), "reward_std": float(r.std()), "reward_max": float(r.max()),
