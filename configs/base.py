@@ -83,6 +83,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.rl.old_logprobs = "recompute"  # "recompute" with the trainer, or "sampler" to reuse the sampler's
     c.rl.logprob_chunk = 512  # sequence chunk for log-probs (bounds the [B, chunk, V] logits)
     c.rl.logprob_batch = 0  # sequences per old-log-prob / KL pass (bounds its memory); 0 = an update minibatch's
+    c.rl.engine = "continuous"  # rollout sampler: "continuous" (decode slots refilled as sequences end) | "static"
+    c.rl.slots = 0  # decode slots of the continuous engine; 0 = as many as the rollout's memory holds (zenjax.plan)
     c.rl.rollout_copy = True  # decode from a compute-dtype copy in the rollout layout; False: from the training state
     c.rl.sft_steps = 0  # supervised warm-up steps on reference answers before GSPO (synthetic tasks)
     c.rl.sft_lr = 1e-3  # learning rate of the warm-up
@@ -139,6 +141,7 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.rl.group_size = 8  # G completions per prompt
     c.rl.minibatches = 2  # two updates per rollout batch: the second one is off-policy, so the clip matters
     c.rl.max_new_tokens = 6  # answers are at most a few digits plus EOS
+    c.rl.slots = 64  # half the 128 sequences: slots are refilled as answers end
     c.rl.logprob_chunk = 64  # whole sequences fit in one chunk
     c.rl.sft_steps = 100  # supervised warm-up: first rollouts earn ~0.3, leaving room to learn
     c.rl.sft_lr = 3e-3  # warm-up learning rate

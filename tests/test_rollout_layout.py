@@ -128,7 +128,7 @@ def collect_rows(devices):
 
     mesh = sharding.make_mesh(data=4, devices=devices)
     rl = ml_collections.ConfigDict(dict(group_size=2, max_new_tokens=NEW, temperature=1.0, top_k=0, top_p=1.0,
-                                        scale_std=True))
+                                        scale_std=True, engine="continuous", slots=4))
     items = [{"id": str(i), "prompt_ids": p, "answer": "7", "prompt": ""} for i, p in enumerate(PROMPTS)]
     rows = sharding.batch_rows(mesh, len(items) * rl.group_size)
     tx, _ = make_optimizer(_optim(), 10)

@@ -30,7 +30,7 @@ from absl import flags
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from zenjax import cli, plan, sampling, sharding
+from zenjax import cli, engine, plan, sampling, sharding
 from zenjax.config import logprob_rows, model_config_from, validate
 from zenjax.models import Qwen3
 from zenjax.train_state import RLHyper, State, abstract_rollout_params, abstract_state, make_functions, \
@@ -89,10 +89,11 @@ def _sds(shape, dtype, sh):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
 
 
-def programs(config: ml_collections.ConfigDict, mesh) -> dict:
+def programs(config: ml_collections.ConfigDict, mesh, hbm: float | None = None) -> dict:
     """name -> (jitted function, abstract args, static kwargs, bytes per device held by the run outside the
-    program's arguments) for the update, the log-prob pass and the sampler (from the rollout copy of the policy
-    unless rl.rollout_copy is off)."""
+    program's arguments) for the update, the log-prob pass and the sampler (the config's rl.engine, its slots
+    sized to `hbm` bytes per device as the trainer sizes them; from the rollout copy of the policy unless
+    rl.rollout_copy is off)."""
     cfg = model_config_from(config.model)
     rl = config.rl
     tx, schedule = make_optimizer(config.optim, config.steps * rl.minibatches // config.optim.grad_accum)
@@ -129,21 +130,29 @@ def programs(config: ml_collections.ConfigDict, mesh) -> dict:
     replicated = NamedSharding(mesh, P())  # the sampler gets host prompts, as in the trainer
     P_ = rl.prompts_per_step
     sampler_args = (sampler_graphdef, model_state, _sds((P_, prompt_len), jnp.int32, replicated),
-                    _sds((P_, prompt_len), jnp.bool_, replicated),
+                    _sds((P_, prompt_len), jnp.bool_, replicated), _sds((P_ * rl.group_size,), jnp.int32, replicated),
                     jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated),
                     _sds((), jnp.float32, replicated), _sds((), jnp.float32, replicated),
                     _sds((), jnp.int32, replicated))
-    sampler_kw = dict(num_samples=rl.group_size, max_new=rl.max_new_tokens, cache_len=T, greedy=False,
-                      top_k=rl.top_k, use_top_p=rl.top_p < 1, eos_ids=(0,), vocab_limit=None)
+    sampler_kw = dict(num_samples=rl.group_size, max_new=rl.max_new_tokens, greedy=False, top_k=rl.top_k,
+                      use_top_p=rl.top_p < 1, eos_ids=(0,), vocab_limit=None)
     # In HBM all along, outside some programs' arguments: the optimizer state, the KL reference's weights, and
     # while the rollout copy decodes, the training weights.
     ref = plan.device_bytes(abs_params) if rl.kl_coef > 0 else 0
     opt = plan.device_bytes(abs_opt) + ref
+    copy = plan.device_bytes(sampler_params) * rl.rollout_copy
+    sampler = sampling._generate
+    if rl.engine == "continuous":
+        sampler = engine._run
+        sampler_kw["slots"] = plan.rollout_slots(config, dict(mesh.shape), plan.device_bytes(abs_params) + opt + copy,
+                                                 hbm)
+    else:
+        sampler_kw["cache_len"] = T
     return {
         "update": (update, (abs_params, abs_opt, minibatch, counts), {}, ref),
         "old_logprobs": (logprobs, (abs_params, _sds((rows, T), jnp.int32, rows_sh(2)),
                                     _sds((rows, T), jnp.bool_, rows_sh(2))), {}, opt),
-        "sampler": (sampling._generate, sampler_args, sampler_kw,
+        "sampler": (sampler, sampler_args, sampler_kw,
                     opt + plan.device_bytes(abs_params) * rl.rollout_copy),
     }
 
@@ -170,6 +179,8 @@ class Report:
     # outside the program's arguments) and total (what the device needs while the program runs)
     collectives: dict[str, int]  # kind -> result bytes per device per call (run-time-length loops excluded)
     per_iteration: dict[str, int]  # kind -> result bytes per device per iteration of the run-time-length loops
+    # (decoding: per token), and per iteration of the engine's refill loops (a placement, a prompt's prefill included)
+    per_refill: dict[str, int]
     kernels: list[str]  # the Pallas / Mosaic kernels the program calls (e.g. ragged-dot on TPU)
 
 
@@ -180,6 +191,7 @@ _OP = re.compile(r"= (.+?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 _WHILE = re.compile(r"\bwhile\(.*?condition=%?([\w.\-]+), body=%?([\w.\-]+)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _OPCODE = re.compile(r"= [^=]*? ([a-z][a-z\-]*)\(")
+_REFILL = re.compile(r'op_name="[^"]*/refill/')
 _CONST = re.compile(r"s32\[\]\S* constant\((\d+)\)")
 # A kernel's op_name follows its attributes, which may span lines, but comes before the next instruction.
 _KERNEL = re.compile(r'custom_call_target="tpu_custom_call"(?:(?!\n\s*(?:ROOT )?%).)*?op_name="([^"]+)"', re.S)
@@ -199,8 +211,11 @@ def _result(result_type: str) -> tuple[int, tuple[int, ...]]:
 WEIGHTS = "all-gather of weights"  # the all-gathers whose result is one device's share of a parameter
 
 
-def collective_bytes(hlo: str, weight_shapes: frozenset = frozenset()) -> tuple[dict[str, int], dict[str, int]]:
-    """(per call, per iteration of the loops without a known trip count), kind -> bytes, from compiled HLO. The
+def collective_bytes(hlo: str, weight_shapes: frozenset = frozenset()) -> tuple[dict[str, int], dict[str, int],
+                                                                                dict[str, int]]:
+    """(per call, per iteration of the loops without a known trip count, per iteration of the engine's refill
+    loops), kind -> bytes, from compiled HLO. A refill loop is a run-time loop traced under `named_scope("refill")`
+    (zenjax.engine: one placement, a prompt's prefill included); the others are decode loops (per token). The
     all-gathers whose result has the shape of a parameter's per-device share in the rollout layout (`weight_shapes`,
     whole or one layer of a stack) are counted under WEIGHTS as well: they gather FSDP shards of the weights."""
     comps: dict[str, list[str]] = {}
@@ -226,8 +241,12 @@ def collective_bytes(hlo: str, weight_shapes: frozenset = frozenset()) -> tuple[
             return consts[0]
         return None  # e.g. the decode loop: it also stops when every row is done
 
-    def total(name: str, seen=()) -> tuple[dict[str, int], dict[str, int]]:
-        direct, loops = {}, {}
+    def add(into: dict, more: dict, n: int = 1):
+        for k, v in more.items():
+            into[k] = into.get(k, 0) + n * v
+
+    def total(name: str, seen=()) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+        direct, loops, refills = {}, {}, {}
         for line in comps.get(name, ()):
             op = _OP.search(line)
             if op:
@@ -241,17 +260,16 @@ def collective_bytes(hlo: str, weight_shapes: frozenset = frozenset()) -> tuple[
             for sub, n in subs:
                 if sub in seen or sub not in comps:
                     continue
-                inner, inner_loops = total(sub, seen + (name,))
+                inner, inner_loops, inner_refills = total(sub, seen + (name,))
                 if n is None:  # a run-time-length loop: what one iteration moves
-                    inner_loops = {k: inner_loops.get(k, 0) + v for k, v in inner.items()}
-                    inner, n = {}, 1
-                for k, v in inner.items():
-                    direct[k] = direct.get(k, 0) + n * v
-                for k, v in inner_loops.items():
-                    loops[k] = loops.get(k, 0) + v
-        return direct, loops
+                    add(refills if _REFILL.search(line) else loops, inner)
+                else:
+                    add(direct, inner, n)
+                add(loops, inner_loops)
+                add(refills, inner_refills)
+        return direct, loops, refills
 
-    return total(entry) if entry else ({}, {})
+    return total(entry) if entry else ({}, {}, {})
 
 
 class DoesNotFit(Exception):
@@ -273,9 +291,9 @@ def compile_one(name: str, fn, args, kwargs, resident: int, mesh, weight_shapes:
              "outputs": m.output_size_in_bytes, "aliased": m.alias_size_in_bytes, "resident": resident}
     sizes["total"] = sum(sizes[k] for k in ("arguments", "temporaries", "outputs", "resident")) - sizes["aliased"]
     hlo = compiled.as_text()
-    per_call, per_iteration = collective_bytes(hlo, weight_shapes)
+    per_call, per_iteration, per_refill = collective_bytes(hlo, weight_shapes)
     kernels = sorted({name.removesuffix("/pallas_call").rsplit("/", 1)[-1] for name in _KERNEL.findall(hlo)})
-    return Report(name, seconds, sizes, per_call, per_iteration, kernels)
+    return Report(name, seconds, sizes, per_call, per_iteration, per_refill, kernels)
 
 
 def _gb(n: float) -> str:
@@ -289,7 +307,8 @@ def format_report(r: Report, hbm: float) -> str:
              f"aliased {_gb(b['aliased'])}" + (f", optimizer state held {_gb(b['resident'])}" if b["resident"] else "")
              + ")"]
     for label, c in (("collective results per call", r.collectives),
-                     ("per iteration of the run-time loops (decoding: per token)", r.per_iteration)):
+                     ("per iteration of the run-time loops (decoding: per token)", r.per_iteration),
+                     ("per placement of the engine's refills (a prompt's prefill included)", r.per_refill)):
         if c:
             lines.append(f"  {label}: " + ", ".join(f"{k} {_gb(v)}" for k, v in sorted(c.items())))
     if r.kernels:
@@ -314,7 +333,7 @@ def run(config: ml_collections.ConfigDict, slice_name: str,
     mesh = sharding.make_mesh(**config.mesh, devices=devices)
     reports, too_big = [], []
     weights = weight_shapes(config, mesh)
-    for name, p in programs(config, mesh).items():
+    for name, p in programs(config, mesh, hbm).items():
         if name not in names:
             continue
         try:

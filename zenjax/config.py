@@ -73,6 +73,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     unknown = sorted(set(config.rewards) - set(rewards.REWARDS))
     if unknown:
         errors.append(f"rewards {unknown} are not registered: {', '.join(sorted(rewards.REWARDS))}")
+    if rl.engine not in ("continuous", "static"):
+        errors.append(f"rl.engine={rl.engine!r} must be 'continuous' or 'static'")
+    if rl.slots < 0:
+        errors.append(f"rl.slots={rl.slots} must be >= 0 (0: as many as the rollout's memory holds)")
     if rl.group_size < 2:
         errors.append(f"rl.group_size={rl.group_size}: group advantages need at least 2 completions per prompt")
     if rl.prompts_per_step % procs:
@@ -90,6 +94,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     elif rows and (logprob_rows(rl) < 1 or rows % logprob_rows(rl) or logprob_rows(rl) % batch_shards):
         errors.append(f"rl.logprob_batch={rl.logprob_batch}: the {rows} sequences of a rollout batch must split into "
                       f"passes of {logprob_rows(rl)} sequences, each divisible by the {batch_shards} batch shards")
+    if rl.slots % batch_shards:
+        errors.append(f"rl.slots={rl.slots} is not divisible by the {batch_shards} batch shards (each device decodes "
+                      "its share of the slots)")
     if not 0 <= rl.eps_low < 1 or rl.eps_high < 0:
         errors.append(f"rl.eps_low={rl.eps_low} must be in [0, 1) and rl.eps_high={rl.eps_high} >= 0")
     seq = config.data.max_prompt_len + rl.max_new_tokens

@@ -32,7 +32,9 @@ t = mesh.tensor.
   Peak = params + optimizer state (+ the KL reference's params when rl.kl_coef > 0) + the largest of (gradients +
   training activations), the old-log-prob forward over one pass of rl.logprob_batch sequences (one layer's scores
   and half its other terms, or one chunk of float32 logits, live; plus the hidden states) and the rollout: its KV
-  cache (2 L S K D b per sequence) and, with rl.rollout_copy, the compute-dtype copy of the policy in the rollout
+  cache (2 L S K D b per decode slot: every sequence of the batch for the static sampler, rl.slots for the
+  continuous engine, which when 0 gets as many slots as fit in HEADROOM of the chip next to the rest) and, with
+  rl.rollout_copy, the compute-dtype copy of the policy in the rollout
   layout (zenjax.sharding.ROLLOUT: replicated over fsdp). The sampler's other temporaries (prefill activations)
   are not modelled: the compile tool has them.
 """
@@ -185,6 +187,7 @@ class Plan:
     activations_other: float  # with it flipped
     logprob_forward: float
     kv_cache: float
+    slots: int  # sequences decoded at once (all devices): the engine's slots, or the whole batch
     reference: int  # the KL reference policy's params (0 without a KL penalty)
     rollout_copy: int  # the policy copy the sampler decodes from (0 with rl.rollout_copy off)
     chip: str | None
@@ -224,8 +227,27 @@ def fixed_devices(mesh: ml_collections.ConfigDict) -> int:
     return math.prod(max(int(mesh[a]), 1) for a in sharding.MESH_AXES)
 
 
-def plan(config: ml_collections.ConfigDict, num_devices: int | None = None, chip: str | None = None) -> Plan:
-    """All the numbers for `config` on `num_devices` (default: the product of the mesh's fixed axes)."""
+def rollout_slots(config: ml_collections.ConfigDict, sizes: dict[str, int], fixed: float, hbm: float | None) -> int:
+    """Sequences the rollout decodes at once: the whole batch for the static sampler; for the continuous engine
+    rl.slots, or when 0 as many whole batch shards of slots as fit in HEADROOM of `hbm` bytes per device next to
+    `fixed` bytes (training state and rollout copy), at most the batch; the batch when `hbm` is unknown."""
+    rl = config.rl
+    rows = rl.prompts_per_step * rl.group_size
+    if rl.engine == "static":
+        return rows
+    if rl.slots or hbm is None:
+        return min(rl.slots or rows, rows)
+    shards = math.prod(sizes[a] for a in BATCH_AXES)
+    cfg = model_config_from(config.model)
+    per_row = kv_cache_bytes(cfg, 1, config.data.max_prompt_len + rl.max_new_tokens, tensor=sizes["tensor"])
+    local = int(max(HEADROOM * hbm - fixed, 0) // per_row)
+    return max(shards, min(rows, local * shards) // shards * shards)
+
+
+def plan(config: ml_collections.ConfigDict, num_devices: int | None = None, chip: str | None = None,
+         hbm: float | None = None) -> Plan:
+    """All the numbers for `config` on `num_devices` (default: the product of the mesh's fixed axes); the
+    engine's slots are sized to `hbm` bytes per device, else to the chip's."""
     if chip is not None and chip not in CHIPS:
         raise ValueError(f"unknown chip {chip!r}; known: {', '.join(CHIPS)}")
     if num_devices is None:
@@ -241,6 +263,9 @@ def plan(config: ml_collections.ConfigDict, num_devices: int | None = None, chip
     copy = device_bytes(abstract_rollout_params(cfg, mesh)[1]) if rl.rollout_copy else 0
     shards = math.prod(sizes[a] for a in BATCH_AXES)
     mb_local = rollout // rl.minibatches // shards
+    ref = device_bytes(params) if rl.kl_coef > 0 else 0
+    hbm = hbm if hbm is not None else CHIPS[chip] * GB if chip else None
+    slots = rollout_slots(config, sizes, device_bytes(params) + device_bytes(opt_state) + ref + copy, hbm)
     act = {r: activation_bytes(cfg, mb_local, seq, tensor=t, expert=n, chunk=rl.logprob_chunk, remat=r)
            for r in (True, False)}
     return Plan(
@@ -251,8 +276,8 @@ def plan(config: ml_collections.ConfigDict, num_devices: int | None = None, chip
         activations=act[cfg.remat], activations_other=act[not cfg.remat],
         logprob_forward=logprob_forward_bytes(cfg, logprob_rows(rl) // shards, seq, tensor=t, expert=n,
                                               chunk=rl.logprob_chunk),
-        kv_cache=kv_cache_bytes(cfg, rollout // shards, seq, tensor=t),
-        reference=device_bytes(params) if rl.kl_coef > 0 else 0, rollout_copy=copy, chip=chip)
+        kv_cache=kv_cache_bytes(cfg, slots // shards, seq, tensor=t), slots=slots,
+        reference=ref, rollout_copy=copy, chip=chip)
 
 
 def si(n: float, unit: str = "") -> str:
@@ -301,7 +326,8 @@ def format_plan(p: Plan, hf_model_id: str = "") -> str:
         _row(f"activations, remat {'on' if cfg.remat else 'off'}", p.activations,
              f"(remat {'off' if cfg.remat else 'on'}: {si(p.activations_other, 'B')})"),
         _row("old log-prob forward", p.logprob_forward),
-        _row(f"rollout KV cache ({cfg.dtype})", p.kv_cache),
+        _row(f"rollout KV cache ({cfg.dtype})", p.kv_cache,
+             f"({p.slots} {'decode slots' if p.slots < p.rollout_rows else 'sequences, the whole batch'})"),
         _row(f"rollout weights copy ({cfg.dtype})", p.rollout_copy, "" if p.rollout_copy else "(rl.rollout_copy off)"),
         _row("peak", p.peak),
     ]

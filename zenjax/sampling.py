@@ -33,11 +33,21 @@ class SampleOutput(NamedTuple):
     logprobs: jax.Array  # [N, max_new] float32 raw-model log p(token), 0 where mask is False
 
 
+class Request(NamedTuple):
+    """A validated batch of prompts, left-padded, and the settings of its generation (see `sample`)."""
+    prompt_PL: np.ndarray  # [P, Lp] int32
+    pmask_PL: np.ndarray  # [P, Lp] bool
+    budget_N: np.ndarray  # [N] int32 tokens each sequence may emit
+    rng: jax.Array
+    traced: tuple  # temperature, top_p, pad_id as device scalars
+    static: dict  # num_samples, max_new, cache_len, greedy, top_k, use_top_p, eos_ids, vocab_limit
+
+
 def sample(model: Qwen3, prompts: Sequence[Sequence[int]], *, num_samples: int = 1, max_new_tokens: int,
            rng: jax.Array | None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            eos_ids: Sequence[int] = (), pad_id: int = 0, greedy: bool = False,
            prompt_len: int | None = None, cache_len: int | None = None,
-           vocab_limit: int | None = None) -> SampleOutput:
+           vocab_limit: int | None = None, budgets: Sequence[int] | None = None) -> SampleOutput:
     """Generate `num_samples` completions of up to `max_new_tokens` tokens for each prompt.
 
     Sampling draws from softmax(logits / temperature) restricted to the `top_k` most likely tokens (0 = all)
@@ -45,14 +55,26 @@ def sample(model: Qwen3, prompts: Sequence[Sequence[int]], *, num_samples: int =
     takes the argmax. `prompt_len` left-pads every prompt to exactly that many tokens (default: the longest,
     rounded up to a multiple of BUCKET) and `cache_len` fixes the KV-cache length (default: padded prompt +
     max_new_tokens), so that callers with varying prompt lengths share one compiled function. `vocab_limit` (the tokenizer's size)
-    keeps ids the model's padded vocabulary has but the tokenizer lacks from being sampled.
+    keeps ids the model's padded vocabulary has but the tokenizer lacks from being sampled. `budgets` (one per
+    returned row, each in [1, max_new_tokens]) ends rows earlier than `max_new_tokens`.
 
     One compilation serves every call with the same model structure, padded shapes and static settings
     (num_samples, max_new_tokens, cache_len, greedy, top_k, whether top_p < 1, eos_ids); weights, rng,
-    temperature and top_p are traced values. The cache is allocated inside the jitted function and carried
-    by the loop, so there is nothing to donate.
+    temperature, top_p and budgets are traced values. The cache is allocated inside the jitted function and
+    carried by the loop, so there is nothing to donate.
     """
-    cfg = model.cfg
+    req = prepare(model.cfg, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens, rng=rng,
+                  temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=eos_ids, pad_id=pad_id, greedy=greedy,
+                  prompt_len=prompt_len, cache_len=cache_len, vocab_limit=vocab_limit, budgets=budgets)
+    graphdef, state = nnx.split(model)
+    return _generate(graphdef, state, req.prompt_PL, req.pmask_PL, req.budget_N, req.rng, *req.traced, **req.static)
+
+
+def prepare(cfg, prompts: Sequence[Sequence[int]], *, num_samples: int, max_new_tokens: int, rng: jax.Array | None,
+            temperature: float, top_k: int, top_p: float, eos_ids: Sequence[int], pad_id: int, greedy: bool,
+            prompt_len: int | None, cache_len: int | None, vocab_limit: int | None,
+            budgets: Sequence[int] | None) -> Request:
+    """Check a generation request on the host (one clear error per problem) and left-pad its prompts."""
     V = cfg.vocab_size
     if not prompts:
         raise ValueError("sample: empty batch (no prompts)")
@@ -78,6 +100,10 @@ def sample(model: Qwen3, prompts: Sequence[Sequence[int]], *, num_samples: int =
             raise ValueError(f"sample: top_k={top_k} must be in [0, vocab_size={V}]")
         if rng is None:
             raise ValueError("sample: rng is required unless greedy=True")
+    N = len(prompts) * num_samples
+    budget_N = np.full(N, max_new_tokens, np.int32) if budgets is None else np.asarray(budgets, np.int32)
+    if budget_N.shape != (N,) or budget_N.min() < 1 or budget_N.max() > max_new_tokens:
+        raise ValueError(f"sample: budgets must be {N} values (one per row) in [1, max_new_tokens={max_new_tokens}]")
     longest = max(lengths)
     if longest + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"sample: prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
@@ -97,13 +123,23 @@ def sample(model: Qwen3, prompts: Sequence[Sequence[int]], *, num_samples: int =
     for i, p in enumerate(prompts):
         tokens_PL[i, Lp - len(p):] = p
         mask_PL[i, Lp - len(p):] = True
-    graphdef, state = nnx.split(model)
-    rng = jax.random.key(0) if rng is None else rng
-    return _generate(graphdef, state, tokens_PL, mask_PL, rng, jnp.float32(temperature if not greedy else 1.0),
-                     jnp.float32(top_p), jnp.int32(pad_id), num_samples=num_samples, max_new=max_new_tokens,
-                     cache_len=cache_len, greedy=greedy, top_k=0 if greedy else top_k,
-                     use_top_p=not greedy and top_p < 1, eos_ids=eos_ids,
-                     vocab_limit=None if vocab_limit is None or vocab_limit >= V else int(vocab_limit))
+    traced = (jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p), jnp.int32(pad_id))
+    static = dict(num_samples=num_samples, max_new=max_new_tokens, cache_len=cache_len, greedy=greedy,
+                  top_k=0 if greedy else top_k, use_top_p=not greedy and top_p < 1, eos_ids=eos_ids,
+                  vocab_limit=None if vocab_limit is None or vocab_limit >= V else int(vocab_limit))
+    return Request(tokens_PL, mask_PL, budget_N, jax.random.key(0) if rng is None else rng, traced, static)
+
+
+def pick(logits_NV, key, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool,
+         vocab_limit: int | None):
+    """The next token of every row and its log-probability under the raw model (what GSPO needs as the old
+    policy's, whatever the sampling settings; `vocab_limit` only restricts the choice)."""
+    allowed_NV = logits_NV
+    if vocab_limit is not None:
+        allowed_NV = jnp.where(jnp.arange(logits_NV.shape[-1]) < vocab_limit, logits_NV, -jnp.inf)
+    tok_N = _choose(allowed_NV, key, temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+    logp_N = jnp.take_along_axis(jax.nn.log_softmax(logits_NV, axis=-1), tok_N[:, None], axis=-1)[:, 0]
+    return tok_N, logp_N
 
 
 def _choose(logits_NV, key, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool):
@@ -179,7 +215,7 @@ def _nucleus(probs_NV, top_p):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "max_new", "cache_len", "greedy", "top_k",
                                              "use_top_p", "eos_ids", "vocab_limit"))
-def _generate(graphdef, state, prompt_PL, pmask_PL, rng, temperature, top_p, pad_id, *, num_samples, max_new,
+def _generate(graphdef, state, prompt_PL, pmask_PL, budget_N, rng, temperature, top_p, pad_id, *, num_samples, max_new,
               cache_len, greedy, top_k, use_top_p, eos_ids, vocab_limit):
     model = nnx.merge(graphdef, state)
     P, _ = prompt_PL.shape
@@ -200,17 +236,13 @@ def _generate(graphdef, state, prompt_PL, pmask_PL, rng, temperature, top_p, pad
 
     def emit(t, logits_NV, done_N, tokens_NM, mask_NM, logp_NM):
         """Choose token t for the rows still running; rows that are done get pad and mask 0."""
-        allowed_NV = logits_NV
-        if vocab_limit is not None:  # only for choosing: log-probs stay those of the raw model, as GSPO needs
-            allowed_NV = jnp.where(jnp.arange(logits_NV.shape[-1]) < vocab_limit, logits_NV, -jnp.inf)
-        tok_N = _choose(allowed_NV, jax.random.fold_in(rng, t), temperature, top_p, greedy=greedy, top_k=top_k,
-                        use_top_p=use_top_p)
-        logp_N = jnp.take_along_axis(jax.nn.log_softmax(logits_NV, axis=-1), tok_N[:, None], axis=-1)[:, 0]
+        tok_N, logp_N = pick(logits_NV, jax.random.fold_in(rng, t), temperature, top_p, greedy=greedy, top_k=top_k,
+                             use_top_p=use_top_p, vocab_limit=vocab_limit)
         live_N = ~done_N
         tokens_NM = tokens_NM.at[:, t].set(jnp.where(live_N, tok_N, pad_id))
         mask_NM = mask_NM.at[:, t].set(live_N)
         logp_NM = logp_NM.at[:, t].set(jnp.where(live_N, logp_N, 0.0))
-        done_N = done_N | (live_N & jnp.isin(tok_N, eos))
+        done_N = done_N | (live_N & (jnp.isin(tok_N, eos) | (t + 1 >= budget_N)))
         return tok_N, done_N, tokens_NM, mask_NM, logp_NM
 
     init = emit(0, logits_NV, jnp.zeros(N, bool), jnp.full((N, max_new), pad_id, jnp.int32),

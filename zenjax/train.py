@@ -70,8 +70,8 @@ def _sft_batch(items, tokenizer):
 
 
 def evaluate(policy, items, tokenizer, config, rng) -> float:
-    out = rollout.generate(policy, items, tokenizer, config.rl, rng, num_samples=1, greedy=True,
-                           prompt_len=config.data.max_prompt_len)
+    out, _ = rollout.generate(policy, items, tokenizer, config.rl, rng, num_samples=1, greedy=True,
+                              prompt_len=config.data.max_prompt_len)
     r, _ = rewards.score(rollout.decode(tokenizer, rollout.fetch_all(out)), items, dict(config.rewards))
     return float(np.mean(r))
 
@@ -102,6 +102,9 @@ def setup(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
                                  f"({config.model.hf_config}) has vocab_size={cfg.vocab_size}")
             config.model.vocab_size = -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
         validate(config, num_devices)
+        if config.rl.engine == "continuous" and not config.rl.slots:  # as many as the devices' memory holds
+            stats = jax.local_devices()[0].memory_stats() or {}  # CPUs report none: then the whole batch
+            config.rl.slots = plan.plan(config, num_devices or jax.device_count(), hbm=stats.get("bytes_limit")).slots
         # Every process reads the whole batch (the sampler needs the same prompts everywhere) and so holds the
         # same data-iterator state, which then resumes on any number of processes. Each scores its rows.
         loader = PromptLoader(config.data, tokenizer, batch_size=config.rl.prompts_per_step, seed=config.seed)

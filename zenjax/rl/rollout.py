@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from zenjax import sampling
+from zenjax import engine, sampling
 from zenjax.rl import losses, rewards
 
 
@@ -59,14 +59,19 @@ def _own_rows(x: jax.Array, rows: np.ndarray) -> np.ndarray:
 
 
 def generate(model, items: list[dict], tokenizer, rl, rng: jax.Array, *, num_samples: int, prompt_len: int,
-             greedy: bool = False) -> sampling.SampleOutput:
-    """Completions of the same `items` on every process, on device (rows over the batch axes), finished. Prompts
-    are padded to `prompt_len` tokens, so that the sampler and the training functions compile once per run."""
-    out = sampling.sample(model, [it["prompt_ids"] for it in items], num_samples=num_samples,
-                          max_new_tokens=rl.max_new_tokens, rng=rng, temperature=rl.temperature, top_k=rl.top_k,
-                          top_p=rl.top_p, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id, greedy=greedy,
-                          prompt_len=prompt_len, vocab_limit=tokenizer.vocab_size)
-    return jax.block_until_ready(out)
+             greedy: bool = False) -> tuple[sampling.SampleOutput, dict[str, int]]:
+    """Completions of the same `items` on every process, on device (rows over the batch axes), finished, and the
+    continuous engine's counters (none for the static sampler). Prompts are padded to `prompt_len` tokens, so
+    that the sampler and the training functions compile once per run."""
+    kw = dict(num_samples=num_samples, max_new_tokens=rl.max_new_tokens, rng=rng, temperature=rl.temperature,
+              top_k=rl.top_k, top_p=rl.top_p, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id, greedy=greedy,
+              prompt_len=prompt_len, vocab_limit=tokenizer.vocab_size)
+    prompts = [it["prompt_ids"] for it in items]
+    if rl.engine == "static":
+        return jax.block_until_ready(sampling.sample(model, prompts, **kw)), {}
+    slots = min(rl.slots or len(prompts) * num_samples, len(prompts) * num_samples)  # 0: one slot per row
+    out, stats = engine.sample(model, prompts, slots=slots, **kw)
+    return jax.block_until_ready(out), {"slots": slots, **{k: int(v) for k, v in stats.items()}}
 
 
 def fetch_all(out: sampling.SampleOutput) -> sampling.SampleOutput:
@@ -117,7 +122,7 @@ def collect(model, items: list[dict], tokenizer, rl, reward_weights: dict[str, f
     if len(rows) % G or not np.array_equal(rows, (rows[::G, None] // G * G + np.arange(G)).ravel()):
         raise ValueError(f"rollout rows must be whole groups of {G}: each process scores its own prompts")
     t0 = time.perf_counter()
-    out = generate(model, items, tokenizer, rl, rng, num_samples=G, prompt_len=prompt_len)
+    out, counters = generate(model, items, tokenizer, rl, rng, num_samples=G, prompt_len=prompt_len)
     t1 = time.perf_counter()
     batch = sequences(out)
     if overlap is not None:
@@ -135,5 +140,8 @@ def collect(model, items: list[dict], tokenizer, rl, reward_weights: dict[str, f
         "time_sampling": t1 - t0, "time_rewards": time.perf_counter() - t1,
         "sampled_tokens": int(lengths.sum()),
     }
+    if counters:  # the continuous engine's: decode steps, the fraction of slot-steps that made a token, refills
+        metrics.update(decode_steps=counters["decode_steps"], refills=counters["refills"],
+                       slot_occupancy=counters["slot_tokens"] / max(counters["decode_steps"] * counters["slots"], 1))
     metrics.update({f"reward/{k}": v for k, v in info.items() if isinstance(v, (int, float)) and k != "reward_time_s"})
     return batch, metrics, texts
