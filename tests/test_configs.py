@@ -103,8 +103,9 @@ def test_zen_moe_sizes(name, shape, target_total, target_active):
 
 def test_model_section_mirrors_the_dataclass():
     m = base.model_config()
-    # All but the layout, which the trainer picks per role (training state, rollout copy).
-    assert set(m) - {"hf_config"} == {f.name for f in dataclasses.fields(Qwen3Config)} - {"layout"}
+    # All but the layout, which the trainer picks per role (training state, rollout copy), and the multimodal RoPE
+    # sections, which only the Omni thinker's config sets.
+    assert set(m) - {"hf_config"} == {f.name for f in dataclasses.fields(Qwen3Config)} - {"layout", "mrope_section"}
     cfg = model_config_from(m)
     assert all(getattr(cfg, k) == (tuple(v) if k == "mlp_only_layers" else v) for k, v in m.items() if k != "hf_config")
     m.typo_field = 3

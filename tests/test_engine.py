@@ -7,11 +7,14 @@ import pytest
 from flax import nnx
 
 from tests.test_rollout_layout import DENSE, MOE, _params
-from tests.test_sampling import PROMPTS, _allowed, _full_logprobs, _hf_greedy, greedy, models  # noqa: F401
+from tests import test_sampling
+from tests.test_sampling import PROMPTS, _allowed, _full_logprobs, _hf_greedy
 from zenjax import engine, sharding
 from zenjax.models import Qwen3
 from zenjax.sampling import sample
 from zenjax.train_state import make_rollout_copy
+
+models, greedy = test_sampling.models, test_sampling.greedy  # the static sampler's fixtures
 
 
 def _same(got, want):
@@ -22,7 +25,7 @@ def _same(got, want):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
 
 
-@pytest.mark.parametrize("slots", [1, 3, 8])
+@pytest.mark.parametrize("slots", [1, 3])
 def test_greedy_equals_the_static_sampler_and_transformers(models, greedy, slots):
     ref, model, _ = models
     kw, row, stop = greedy  # an EOS that one prompt emits mid-way; 4 prompts of 2-7 tokens x 2 samples

@@ -5,12 +5,13 @@
 libtpu's compile-only client (`pip install -e ".[tpu]"`) gives the slice's devices on a host without TPUs. The
 mesh is built over them, and the three programs of a GSPO step are lowered from abstract sharded inputs (no
 weight is allocated) and compiled for TPU: the minibatch update, the old-log-prob pass over the whole rollout
-batch (in passes of rl.logprob_batch sequences) and the sampler (prefill + decode loop, from the rollout copy of
-the policy unless rl.rollout_copy is off). For each: the compile time; XLA's per-chip bytes, plus what the run keeps
+batch (in passes of rl.logprob_batch sequences) and the sampler (the continuous engine's refill and decode loops
+over its planner-sized slots, or the static prefill + decode loop; from the rollout copy of the policy unless
+rl.rollout_copy is off). For each: the compile time; XLA's per-chip bytes, plus what the run keeps
 in HBM outside the program's arguments (optimizer state, a KL reference, the training weights next to the rollout
 copy), against the chip's HBM; and the bytes of the results of each kind of collective per chip, per call and per
 iteration of the loops whose trip count is only known at run time (the decode loop: what every generated token
-moves), with the all-gathers of weights apart. Result bytes are what a device ends up holding, not ring traffic:
+moves) and per placement of the engine's refills, with the all-gathers of weights apart. Result bytes are what a device ends up holding, not ring traffic:
 an all-gather's result is the whole gathered array.
 """
 from __future__ import annotations

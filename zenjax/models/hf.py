@@ -68,18 +68,20 @@ def _stack_t(arrs: Sequence[np.ndarray]) -> np.ndarray:
     return out
 
 
-def entries(cfg: Qwen3Config) -> Iterator[Entry]:
+def entries(cfg: Qwen3Config, prefix: str = "") -> Iterator[Entry]:
+    """Every parameter slice of the model; `prefix` goes before each HF name ("thinker." for the Omni thinker's
+    decoder, whose names are otherwise those of Qwen3MoeForCausalLM)."""
     H, K, D, E = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
     ident = (lambda arrs: arrs[0], lambda a: [a])
     linear = (lambda arrs: _t(arrs[0]), lambda a: [_t(a)])  # torch Linear stores [out, in]
-    yield Entry(("embed",), None, ("model.embed_tokens.weight",), *ident)
-    yield Entry(("final_norm", "scale"), None, ("model.norm.weight",), *ident)
+    yield Entry(("embed",), None, (prefix + "model.embed_tokens.weight",), *ident)
+    yield Entry(("final_norm", "scale"), None, (prefix + "model.norm.weight",), *ident)
     if not cfg.tie_embeddings:
-        yield Entry(("lm_head",), None, ("lm_head.weight",), *linear)
+        yield Entry(("lm_head",), None, (prefix + "lm_head.weight",), *linear)
     layer = 0
     for s, (moe, n) in enumerate(cfg.segments()):
         for j in range(n):
-            p = f"model.layers.{layer}."
+            p = f"{prefix}model.layers.{layer}."
             st = ("stacks", s)
             yield Entry(st + ("input_norm", "scale"), j, (p + "input_layernorm.weight",), *ident)
             yield Entry(st + ("post_attn_norm", "scale"), j, (p + "post_attention_layernorm.weight",), *ident)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import flax
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zenjax.models.attention import attention
+from zenjax.models.mrope import apply_mrope
 from zenjax.sharding import LAYOUTS, constrain, platform
 
 # Logical axis names live on the Variables; creating them must not need a mesh.
@@ -34,6 +36,9 @@ class Qwen3Config:
     intermediate_size: int = 3072
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
+    # Multimodal RoPE (the Qwen3-Omni thinker): positions are [3, B, T] (time, row, column); the interleaved
+    # frequency split of `mrope.apply_mrope`, summing to head_dim // 2. Empty: plain RoPE on [B, T] positions.
+    mrope_section: tuple[int, ...] = ()
     tie_embeddings: bool = True
     max_position_embeddings: int = 40960
     dtype: str = "bfloat16"  # compute dtype of matmuls
@@ -55,6 +60,10 @@ class Qwen3Config:
 
     def __post_init__(self):
         object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
+        object.__setattr__(self, "mrope_section", tuple(int(i) for i in self.mrope_section))
+        if self.mrope_section and (len(self.mrope_section) != 3 or sum(self.mrope_section) != self.head_dim // 2):
+            raise ValueError(f"mrope_section={list(self.mrope_section)} must be three sizes summing to head_dim // 2 "
+                             f"= {self.head_dim // 2}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}")
         if self.num_experts:
@@ -248,8 +257,8 @@ class Attention(nnx.Module):
         q_BTHD = self.q_norm(jnp.einsum("bte,ehd->bthd", x, self.q[...].astype(dt)))
         k_BTKD = self.k_norm(jnp.einsum("bte,ekd->btkd", x, self.k[...].astype(dt)))
         v_BTKD = jnp.einsum("bte,ekd->btkd", x, self.v[...].astype(dt))
-        q_BTHD = constrain(rope(q_BTHD, positions_BT, cfg.rope_theta), ("batch", "seq", "act_heads", None), cfg.rules)
-        k_BTKD = rope(k_BTKD, positions_BT, cfg.rope_theta)
+        q_BTHD = constrain(self._rope(q_BTHD, positions_BT), ("batch", "seq", "act_heads", None), cfg.rules)
+        k_BTKD = self._rope(k_BTKD, positions_BT)
         if kv is not None:  # write the new keys/values at the cache's next slots
             k_BKDS, v_BKSD = kv
             k_BKDS = jax.lax.dynamic_update_slice_in_dim(k_BKDS, k_BTKD.transpose(0, 2, 3, 1).astype(k_BKDS.dtype),
@@ -268,6 +277,12 @@ class Attention(nnx.Module):
         # decode step to match the attention output's layout.
         out_BTE = out_BTHD.reshape(B, T, H * D) @ self.o[...].astype(dt).reshape(H * D, -1)
         return out_BTE, kv
+
+    def _rope(self, x_BTHD, positions):
+        cfg = self.cfg
+        if cfg.mrope_section:  # positions [3, B, T]
+            return apply_mrope(x_BTHD, positions, cfg.rope_theta, cfg.mrope_section)
+        return rope(x_BTHD, positions, cfg.rope_theta)
 
     @staticmethod
     def _decode_attention(q_BKGD, k_BKDS, v_BKSD, mask_BS):
@@ -389,25 +404,36 @@ class Qwen3(nnx.Module):
                 out.append(nnx.split(layer))
         return tuple(out)
 
+    def embed_tokens(self, tokens_BT) -> jax.Array:
+        """Input embeddings [B, T, E] in the compute dtype."""
+        return jnp.take(self.embed[...], tokens_BT, axis=0).astype(jnp.dtype(self.cfg.dtype))
+
     def hidden(self, tokens_BT, mask_BT=None, positions_BT=None, cache: KVCache | None = None,
-               layers: tuple | None = None) -> Output:
+               layers: tuple | None = None, *, embeds_BTE=None, deepstack: Sequence[jax.Array] = ()) -> Output:
         """Run the decoder. `mask_BT` marks real tokens (False = padding). With a cache, the T new tokens are
         written at slots [cache.index, cache.index + T): T > 1 tokens are the prefill of an empty cache and attend
         among themselves, one token attends every valid slot. `layers` (from
-        `unstack_layers`, with an unstacked cache) runs the layers one by one instead of scanning the stacks."""
+        `unstack_layers`, with an unstacked cache) runs the layers one by one instead of scanning the stacks.
+        `embeds_BTE` replaces the token embeddings (tokens_BT is then None); `deepstack` [B, T, E] arrays are added
+        to the hidden states after layers 0, 1, ... (the Omni thinker's visual features, zero elsewhere).
+        With `mrope_section`, positions are [3, B, T]."""
         cfg = self.cfg
-        B, T = tokens_BT.shape
+        x = self.embed_tokens(tokens_BT) if embeds_BTE is None else embeds_BTE.astype(jnp.dtype(cfg.dtype))
+        B, T = x.shape[:2]
         mask_BT = jnp.ones((B, T), bool) if mask_BT is None else mask_BT.astype(bool)
         if positions_BT is None:
             positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
+            if cfg.mrope_section:  # text only: time, row and column positions agree
+                positions_BT = jnp.broadcast_to(positions_BT, (3, B, T))
+        if len(deepstack) > cfg.num_layers:
+            raise ValueError(f"{len(deepstack)} deepstack additions for {cfg.num_layers} layers")
         index = valid_BS = None
         if cache is not None:
             index = cache.index
             valid_BS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BS, mask_BT, index, axis=1)
-        x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(jnp.dtype(cfg.dtype))
         x = constrain(x, ("batch", "seq", "act_embed"), cfg.rules)
 
-        args = (x, positions_BT, mask_BT, cache, index, valid_BS)
+        args = (x, positions_BT, mask_BT, cache, index, valid_BS, tuple(deepstack))
         x, new_layers, aux_list = self._scan_stacks(*args) if layers is None else self._one_by_one(layers, *args)
         aux = {k: jnp.concatenate([a[k] for a in aux_list]) for k in aux_list[0]} if aux_list else {}
         h = self.final_norm(x)
@@ -415,33 +441,44 @@ class Qwen3(nnx.Module):
             cache = KVCache(tuple(new_layers), valid_BS, index + T)
         return Output(h, cache, aux)
 
-    def _scan_stacks(self, x, positions_BT, mask_BT, cache, index, valid_BS):
-        new_layers, aux_list = [], []
-        for i, stack in enumerate(self.stacks):
+    def _scan_stacks(self, x, positions_BT, mask_BT, cache, index, valid_BS, deepstack):
+        new_layers, aux_list, first = [], [], 0
+        for i, (stack, (_, n)) in enumerate(zip(self.stacks, self.cfg.segments())):
             graphdef, state = nnx.split(stack)
 
             def body(x, xs, graphdef=graphdef):
-                layer_state, kv = xs
+                layer_state, kv, add_BTE = xs
                 x, kv, aux = nnx.merge(graphdef, layer_state)(x, positions_BT, mask_BT, kv, index, valid_BS)
-                return x, (kv, aux)
+                return x if add_BTE is None else x + add_BTE.astype(x.dtype), (kv, aux)
 
             if self.cfg.remat:
                 body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
             kv_in = None if cache is None else tuple(cache.layers[i])
-            x, (kv_out, aux) = jax.lax.scan(body, x, (state, kv_in))
+            # The stack's first m layers take a deepstack addition each: they scan on their own, the additions as xs.
+            m = min(max(len(deepstack) - first, 0), n)
+            outs = []
+            for lo, hi in ((0, m), (m, n)) if 0 < m < n else ((0, n),):
+                xs = (state, kv_in) if hi - lo == n else jax.tree.map(lambda a, lo=lo, hi=hi: a[lo:hi], (state, kv_in))
+                adds_LBTE = jnp.stack(deepstack[first + lo:first + hi]) if lo < m else None
+                x, out = jax.lax.scan(body, x, (*xs, adds_LBTE))
+                outs.append(out)
+            kv_out, aux = outs[0] if len(outs) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *outs)
             new_layers.append(None if cache is None else LayerCache(*kv_out))
             if aux:
                 aux_list.append(aux)
+            first += n
         return x, new_layers, aux_list
 
     @staticmethod
-    def _one_by_one(layers, x, positions_BT, mask_BT, cache, index, valid_BS):
+    def _one_by_one(layers, x, positions_BT, mask_BT, cache, index, valid_BS, deepstack):
         if cache is None or len(cache.layers) != len(layers):
             raise ValueError(f"hidden(layers=...) runs {len(layers)} unstacked layers and needs the cache they "
                              "decode from, one LayerCache per layer (KVCache.unstack())")
         new_layers, aux_list = [], []
-        for (graphdef, state), kv in zip(layers, cache.layers):
+        for j, ((graphdef, state), kv) in enumerate(zip(layers, cache.layers)):
             x, kv, aux = nnx.merge(graphdef, state)(x, positions_BT, mask_BT, tuple(kv), index, valid_BS)
+            if j < len(deepstack):
+                x = x + deepstack[j].astype(x.dtype)
             new_layers.append(LayerCache(*kv))
             if aux:
                 aux_list.append({k: v[None] for k, v in aux.items()})  # as a scan over one layer stacks it
