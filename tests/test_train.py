@@ -133,8 +133,8 @@ def test_jsonl_prompts_with_an_hf_tokenizer_and_the_math_reward(tmp_path, monkey
     assert len({-(-n // 32) for n in longest}) == 2, longest
     compiled = [r.args[0] for r in caplog.records if r.msg.startswith("Compiling %s")]
     assert compiled.count("jit(update)") == 1 and compiled.count("jit(logprobs)") == 1, compiled
-    sampler = {"continuous": "jit(_run)", "static": "jit(_generate)"}[c.rl.engine]
-    assert compiled.count(sampler) == 2, compiled  # sampling and the greedy evaluation
+    # Sampling (the tiny default's continuous engine) and the greedy evaluation (the static sampler), once each.
+    assert compiled.count("jit(_run)") == 1 and compiled.count("jit(_generate)") == 1, compiled
     assert [h["step"] for h in hist] == [1, 2]
     # A from-scratch model's vocabulary follows its tokenizer, rounded up as real checkpoints pad it.
     assert json.loads((tmp_path / "run" / "config.json").read_text())["vocab_size"] == 384

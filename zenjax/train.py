@@ -70,8 +70,9 @@ def _sft_batch(items, tokenizer):
 
 
 def evaluate(policy, items, tokenizer, config, rng) -> float:
+    # A few held-out prompts, one sample each: one static batch, no slots to refill.
     out, _ = rollout.generate(policy, items, tokenizer, config.rl, rng, num_samples=1, greedy=True,
-                              prompt_len=config.data.max_prompt_len)
+                              prompt_len=config.data.max_prompt_len, engine_name="static")
     r, _ = rewards.score(rollout.decode(tokenizer, rollout.fetch_all(out)), items, dict(config.rewards))
     return float(np.mean(r))
 

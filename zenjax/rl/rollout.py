@@ -59,15 +59,15 @@ def _own_rows(x: jax.Array, rows: np.ndarray) -> np.ndarray:
 
 
 def generate(model, items: list[dict], tokenizer, rl, rng: jax.Array, *, num_samples: int, prompt_len: int,
-             greedy: bool = False) -> tuple[sampling.SampleOutput, dict[str, int]]:
+             greedy: bool = False, engine_name: str | None = None) -> tuple[sampling.SampleOutput, dict[str, int]]:
     """Completions of the same `items` on every process, on device (rows over the batch axes), finished, and the
     continuous engine's counters (none for the static sampler). Prompts are padded to `prompt_len` tokens, so
-    that the sampler and the training functions compile once per run."""
+    that the sampler and the training functions compile once per run. `engine_name` overrides rl.engine."""
     kw = dict(num_samples=num_samples, max_new_tokens=rl.max_new_tokens, rng=rng, temperature=rl.temperature,
               top_k=rl.top_k, top_p=rl.top_p, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id, greedy=greedy,
               prompt_len=prompt_len, vocab_limit=tokenizer.vocab_size)
     prompts = [it["prompt_ids"] for it in items]
-    if rl.engine == "static":
+    if (engine_name or rl.engine) == "static":
         return jax.block_until_ready(sampling.sample(model, prompts, **kw)), {}
     slots = min(rl.slots or len(prompts) * num_samples, len(prompts) * num_samples)  # 0: one slot per row
     out, stats = engine.sample(model, prompts, slots=slots, **kw)
