@@ -11,7 +11,8 @@ from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (
     Qwen3OmniMoeTextConfig, Qwen3OmniMoeThinkerConfig)
 
 from zenjax.models.audio import output_lengths
-from zenjax.models.mrope import MRopeConfig, apply_mrope, rope_index
+from zenjax.models.mrope import MRopeConfig, rope_index
+from zenjax.models.qwen3 import apply_mrope
 from zenjax.models.qwen3 import rope
 
 # Small ids and non-default sizes, so a mixed-up id or an ignored setting shows.

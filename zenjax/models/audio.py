@@ -12,14 +12,13 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-# Logical axis names live on the Variables; creating them must not need a mesh.
-flax.config.update("flax_always_shard_variable", False)
+from zenjax.models.qwen3 import param
+from zenjax.models.vision import LayerNorm, Linear
 
 _ACT = {"gelu": lambda x: jax.nn.gelu(x, approximate=False), "gelu_pytorch_tanh": jax.nn.gelu,
         "relu": jax.nn.relu, "silu": jax.nn.silu}
@@ -125,52 +124,18 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.
     return np.concatenate([np.sin(t), np.cos(t)], axis=1)
 
 
-def _param(rngs: nnx.Rngs, cfg: AudioConfig, shape, axes, init: str = "normal") -> nnx.Param:
-    dtype = jnp.dtype(cfg.param_dtype)
-    if init == "normal":
-        value = 0.02 * jax.random.normal(rngs.params(), shape, dtype)
-    else:
-        value = (jnp.ones if init == "ones" else jnp.zeros)(shape, dtype)
-    return nnx.Param(value, out_sharding=tuple(axes))
-
-
-class Dense(nnx.Module):
-    def __init__(self, cfg: AudioConfig, d_in: int, d_out: int, axes, *, bias: bool = True, rngs: nnx.Rngs):
-        self.dtype = jnp.dtype(cfg.dtype)
-        self.kernel = _param(rngs, cfg, (d_in, d_out), axes)
-        self.bias = _param(rngs, cfg, (d_out,), axes[1:], init="zeros") if bias else None
-
-    def __call__(self, x):
-        y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
-        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
-
-
 class Conv(nnx.Module):
     """HF's Conv2d(c_in, c_out, 3, stride=2, padding=1) on NHWC (height = mel bins, width = frames)."""
 
     def __init__(self, cfg: AudioConfig, c_in: int, c_out: int, *, rngs: nnx.Rngs):
         self.dtype = jnp.dtype(cfg.dtype)
-        self.kernel = _param(rngs, cfg, (3, 3, c_in, c_out), (None, None, None, None))
-        self.bias = _param(rngs, cfg, (c_out,), (None,), init="zeros")
+        self.kernel = param(rngs, cfg, (3, 3, c_in, c_out), (None, None, None, None))
+        self.bias = param(rngs, cfg, (c_out,), (None,), init="zeros")
 
     def __call__(self, x_NHWC):
         y = jax.lax.conv_general_dilated(x_NHWC.astype(self.dtype), self.kernel[...].astype(self.dtype), (2, 2),
                                          ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return y + self.bias[...].astype(self.dtype)
-
-
-class LayerNorm(nnx.Module):
-    def __init__(self, cfg: AudioConfig, dim: int, *, rngs: nnx.Rngs):
-        self.scale = _param(rngs, cfg, (dim,), ("norm",), init="ones")
-        self.bias = _param(rngs, cfg, (dim,), ("norm",), init="zeros")
-        self.eps = cfg.layer_norm_eps
-
-    def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
 
 
 class EncoderLayer(nnx.Module):
@@ -179,14 +144,14 @@ class EncoderLayer(nnx.Module):
     def __init__(self, cfg: AudioConfig, *, rngs: nnx.Rngs):
         D, F = cfg.d_model, cfg.ffn_dim
         self.num_heads, self.act = cfg.num_heads, _ACT[cfg.activation]
-        self.attn_norm = LayerNorm(cfg, D, rngs=rngs)
-        self.q = Dense(cfg, D, D, ("embed", "heads"), rngs=rngs)
-        self.k = Dense(cfg, D, D, ("embed", "heads"), rngs=rngs)
-        self.v = Dense(cfg, D, D, ("embed", "heads"), rngs=rngs)
-        self.o = Dense(cfg, D, D, ("heads", "embed"), rngs=rngs)
-        self.mlp_norm = LayerNorm(cfg, D, rngs=rngs)
-        self.fc1 = Dense(cfg, D, F, ("embed", "mlp"), rngs=rngs)
-        self.fc2 = Dense(cfg, F, D, ("mlp", "embed"), rngs=rngs)
+        self.attn_norm = LayerNorm(D, cfg, rngs=rngs)
+        self.q = Linear(D, D, ("embed", "heads"), cfg, rngs=rngs)
+        self.k = Linear(D, D, ("embed", "heads"), cfg, rngs=rngs)
+        self.v = Linear(D, D, ("embed", "heads"), cfg, rngs=rngs)
+        self.o = Linear(D, D, ("heads", "embed"), cfg, rngs=rngs)
+        self.mlp_norm = LayerNorm(D, cfg, rngs=rngs)
+        self.fc1 = Linear(D, F, ("embed", "mlp"), cfg, rngs=rngs)
+        self.fc2 = Linear(F, D, ("mlp", "embed"), cfg, rngs=rngs)
 
     def __call__(self, x_WKD, valid_WK):
         W, K, D = x_WKD.shape
@@ -209,7 +174,7 @@ class AudioEncoder(nnx.Module):
         self.conv1 = Conv(cfg, 1, C, rngs=rngs)
         self.conv2 = Conv(cfg, C, C, rngs=rngs)
         self.conv3 = Conv(cfg, C, C, rngs=rngs)
-        self.conv_out = Dense(cfg, cfg.conv_features, D, (None, "embed"), bias=False, rngs=rngs)
+        self.conv_out = Linear(cfg.conv_features, D, (None, "embed"), cfg, bias=False, rngs=rngs)
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -217,9 +182,9 @@ class AudioEncoder(nnx.Module):
             return EncoderLayer(cfg, rngs=r)
 
         self.layers = make(rngs)
-        self.ln_post = LayerNorm(cfg, D, rngs=rngs)
-        self.proj1 = Dense(cfg, D, D, ("embed", "mlp"), rngs=rngs)
-        self.proj2 = Dense(cfg, D, cfg.output_dim, ("mlp", "embed"), rngs=rngs)
+        self.ln_post = LayerNorm(D, cfg, rngs=rngs)
+        self.proj1 = Linear(D, D, ("embed", "mlp"), cfg, rngs=rngs)
+        self.proj2 = Linear(D, cfg.output_dim, ("mlp", "embed"), cfg, rngs=rngs)
 
     def __call__(self, input_features_MF, layout: AudioLayout) -> jax.Array:
         """Encode `input_features_MF` [num_mel_bins, total_frames] (the audios' log-mel frames concatenated, as

@@ -1,4 +1,4 @@
-"""Multimodal RoPE of the Qwen3-Omni thinker: 3-D position ids (host, numpy) and the interleaved rotary.
+"""Multimodal RoPE positions of the Qwen3-Omni thinker: 3-D position ids (host, numpy); `qwen3.apply_mrope` rotates.
 
 `rope_index` mirrors transformers' `get_rope_index` (Qwen3-Omni-MoE) quirk for quirk, so its output
 can be checked against it; positions are float32 because video time steps can be fractional.
@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from zenjax.models.audio import output_lengths
@@ -146,23 +144,3 @@ def rope_index(
         pos_3BT[:, b, valid] = pos_3N
         deltas.append(pos_3N.max() + 1 - valid.sum())
     return pos_3BT, np.asarray(deltas, np.float32)[:, None]
-
-
-def apply_mrope(x_BTHD: jax.Array, positions_3BT, theta: float, mrope_section=(24, 20, 20)) -> jax.Array:
-    """Interleaved multimodal RoPE (HF Qwen3-Omni thinker / Qwen3-VL), rotate-half convention.
-
-    Frequency j rotates by the H position when j % 3 == 1 and j < 3 * section[1], by the W position when
-    j % 3 == 2 and j < 3 * section[2], else by the T position (section[0] is implied, as in HF).
-    """
-    d = x_BTHD.shape[-1]
-    j = np.arange(d // 2)
-    row_F = np.where((j % 3 == 1) & (j < 3 * mrope_section[1]), 1, 0)
-    row_F = np.where((j % 3 == 2) & (j < 3 * mrope_section[2]), 2, row_F)
-    inv_freq = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
-    pos_BTF = jnp.moveaxis(jnp.asarray(positions_3BT, jnp.float32)[row_F], 0, -1)
-    angles_BTF = pos_BTF * inv_freq
-    cos = jnp.cos(angles_BTF)[:, :, None, :]
-    sin = jnp.sin(angles_BTF)[:, :, None, :]
-    x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BTHD.dtype)

@@ -15,10 +15,10 @@ from typing import Any, NamedTuple
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from zenjax.models.attention import attention
-from zenjax.models.mrope import apply_mrope
 from zenjax.sharding import LAYOUTS, constrain, platform
 
 # Logical axis names live on the Variables; creating them must not need a mesh.
@@ -37,7 +37,7 @@ class Qwen3Config:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
     # Multimodal RoPE (the Qwen3-Omni thinker): positions are [3, B, T] (time, row, column); the interleaved
-    # frequency split of `mrope.apply_mrope`, summing to head_dim // 2. Empty: plain RoPE on [B, T] positions.
+    # frequency split of `apply_mrope`, summing to head_dim // 2. Empty: plain RoPE on [B, T] positions.
     mrope_section: tuple[int, ...] = ()
     tie_embeddings: bool = True
     max_position_embeddings: int = 40960
@@ -175,11 +175,14 @@ class Qwen3Config:
         return hf
 
 
-def param(rngs: nnx.Rngs, cfg: Qwen3Config, shape, axes, init: str = "normal") -> nnx.Param:
-    """A parameter with logical axis names; HF's init (normal 0.02, norms at one)."""
+def param(rngs: nnx.Rngs, cfg: Any, shape, axes, init: str = "normal") -> nnx.Param:
+    """A parameter with logical axis names, in `cfg.param_dtype` (any config with that field: the text model's, the
+    vision and audio encoders'); HF's init: "normal" 0.02, "ones" (norm scales), "zeros" (biases)."""
     dtype = jnp.dtype(cfg.param_dtype)
     if init == "ones":
         value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
     else:
         value = 0.02 * jax.random.normal(rngs.params(), shape, dtype)
     return nnx.Param(value, out_sharding=tuple(axes))
@@ -200,7 +203,25 @@ def rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
     """Rotary embedding, transformers' rotate-half convention."""
     d = x_BTHD.shape[-1]
     inv_freq = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
-    angles_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+    return _rotate(x_BTHD, positions_BT.astype(jnp.float32)[..., None] * inv_freq)
+
+
+def apply_mrope(x_BTHD: jax.Array, positions_3BT, theta: float, mrope_section=(24, 20, 20)) -> jax.Array:
+    """Interleaved multimodal RoPE (HF Qwen3-Omni thinker / Qwen3-VL) on (time, row, column) positions [3, B, T].
+
+    Frequency j rotates by the row position when j % 3 == 1 and j < 3 * section[1], by the column position when
+    j % 3 == 2 and j < 3 * section[2], else by the time position (section[0] is implied, as in HF).
+    """
+    d = x_BTHD.shape[-1]
+    j = np.arange(d // 2)
+    row_F = np.where((j % 3 == 1) & (j < 3 * mrope_section[1]), 1, 0)
+    row_F = np.where((j % 3 == 2) & (j < 3 * mrope_section[2]), 2, row_F)
+    inv_freq = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    pos_BTF = jnp.moveaxis(jnp.asarray(positions_3BT, jnp.float32)[row_F], 0, -1)
+    return _rotate(x_BTHD, pos_BTF * inv_freq)
+
+
+def _rotate(x_BTHD: jax.Array, angles_BTF: jax.Array) -> jax.Array:
     cos = jnp.cos(angles_BTF)[:, :, None, :]
     sin = jnp.sin(angles_BTF)[:, :, None, :]
     x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)

@@ -16,14 +16,12 @@ import functools
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-# Logical axis names live on the Variables; creating them must not need a mesh.
-flax.config.update("flax_always_shard_variable", False)
+from zenjax.models.qwen3 import param
 
 F32 = jnp.float32
 _ACTS = {
@@ -99,20 +97,13 @@ class VisionConfig:
         return cls(**fields)
 
 
-def _param(rngs: nnx.Rngs, cfg: VisionConfig, shape, axes, init: str = "normal") -> nnx.Param:
-    """A parameter with logical axis names; HF's init (normal 0.02, norm scales one, biases zero)."""
-    dtype = jnp.dtype(cfg.param_dtype)
-    if init == "normal":
-        value = 0.02 * jax.random.normal(rngs.params(), shape, dtype)
-    else:
-        value = (jnp.ones if init == "ones" else jnp.zeros)(shape, dtype)
-    return nnx.Param(value, out_sharding=tuple(axes))
-
-
 class LayerNorm(nnx.Module):
-    def __init__(self, dim: int, cfg: VisionConfig, *, rngs: nnx.Rngs):
-        self.scale = _param(rngs, cfg, (dim,), ("norm",), "ones")
-        self.bias = _param(rngs, cfg, (dim,), ("norm",), "zeros")
+    """torch's LayerNorm (scale and bias), in float32; `cfg` is any config with param_dtype and layer_norm_eps (the
+    audio encoder's too)."""
+
+    def __init__(self, dim: int, cfg, *, rngs: nnx.Rngs):
+        self.scale = param(rngs, cfg, (dim,), ("norm",), "ones")
+        self.bias = param(rngs, cfg, (dim,), ("norm",), "zeros")
         self.eps = cfg.layer_norm_eps
 
     def __call__(self, x):
@@ -124,16 +115,18 @@ class LayerNorm(nnx.Module):
 
 
 class Linear(nnx.Module):
-    """x @ kernel + bias, the kernel stored [in, out]."""
+    """x @ kernel (+ bias), the kernel stored [in, out], in cfg.dtype; `cfg` is any config with dtype and
+    param_dtype (the audio encoder's too)."""
 
-    def __init__(self, d_in: int, d_out: int, axes, cfg: VisionConfig, *, rngs: nnx.Rngs):
-        self.kernel = _param(rngs, cfg, (d_in, d_out), axes)
-        self.bias = _param(rngs, cfg, (d_out,), axes[1:], "zeros")
+    def __init__(self, d_in: int, d_out: int, axes, cfg, *, bias: bool = True, rngs: nnx.Rngs):
+        self.kernel = param(rngs, cfg, (d_in, d_out), axes)
+        self.bias = param(rngs, cfg, (d_out,), axes[1:], "zeros") if bias else None
         self.dtype = jnp.dtype(cfg.dtype)
 
     def __call__(self, x):
         dt = self.dtype
-        return x.astype(dt) @ self.kernel[...].astype(dt) + self.bias[...].astype(dt)
+        y = x.astype(dt) @ self.kernel[...].astype(dt)
+        return y if self.bias is None else y + self.bias[...].astype(dt)
 
 
 def _rope(x_NHD, cos_NF, sin_NF):
@@ -147,10 +140,10 @@ class Attention(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
         E, H, D = cfg.hidden_size, cfg.num_heads, cfg.head_dim
         self.dtype = jnp.dtype(cfg.dtype)
-        self.qkv = _param(rngs, cfg, (E, 3, H, D), ("embed", None, "heads", "head_dim"))
-        self.qkv_bias = _param(rngs, cfg, (3, H, D), (None, "heads", "head_dim"), "zeros")
-        self.o = _param(rngs, cfg, (H, D, E), ("heads", "head_dim", "embed"))
-        self.o_bias = _param(rngs, cfg, (E,), ("embed",), "zeros")
+        self.qkv = param(rngs, cfg, (E, 3, H, D), ("embed", None, "heads", "head_dim"))
+        self.qkv_bias = param(rngs, cfg, (3, H, D), (None, "heads", "head_dim"), "zeros")
+        self.o = param(rngs, cfg, (H, D, E), ("heads", "head_dim", "embed"))
+        self.o_bias = param(rngs, cfg, (E,), ("embed",), "zeros")
 
     def __call__(self, x_NE, cos_NF, sin_NF, allowed_NN):
         dt = self.dtype
@@ -253,7 +246,7 @@ class VisionEncoder(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.patch_embed = Linear(cfg.patch_dim, cfg.hidden_size, (None, "embed"), cfg, rngs=rngs)
-        self.pos_embed = _param(rngs, cfg, (cfg.num_position_embeddings, cfg.hidden_size), (None, "embed"))
+        self.pos_embed = param(rngs, cfg, (cfg.num_position_embeddings, cfg.hidden_size), (None, "embed"))
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
