@@ -10,7 +10,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m convert", description="Convert Qwen3 weights between HF and zenjax.")
+    p = argparse.ArgumentParser(prog="python -m convert", description="Convert Qwen3, Qwen3-MoE and Qwen3-Omni-MoE "
+                                "thinker weights between HF and zenjax.")
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("hf-to-orbax", help="HF safetensors dir -> zenjax weights dir (config.json + params/)")
     a.add_argument("--hf", required=True, help="directory with config.json and *.safetensors")
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             print(describe(args.path))
     except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2  # a user error (bad path, missing tensor, unsupported config), as the trainer's
     return 0
 
 

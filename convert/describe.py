@@ -8,8 +8,7 @@ import os
 import numpy as np
 
 from zenjax import weights
-from zenjax.models.hf import SafetensorsReader, check_keys, check_shapes
-from zenjax.models.qwen3 import Qwen3Config
+from zenjax.models.hf import SafetensorsReader, check_keys, check_shapes, is_omni, model_entries, source
 
 
 def describe(path: str) -> str:
@@ -20,15 +19,17 @@ def describe(path: str) -> str:
     kind = "HF checkpoint" if hf else "weights dir" if loc.step is None else f"training workdir, step {loc.step}"
     lines.append(f"{os.path.abspath(path)}: {kind}")
     try:
-        cfg = Qwen3Config.from_hf(config_path)
-        lines += [f"  {f.name}: {getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)]
+        src = source(config_path)
+        cfg = src.cfg
+        lines += _fields(cfg)
     except (ValueError, KeyError, FileNotFoundError) as e:
-        cfg = None
+        src = cfg = None
         lines.append(f"  config: {type(e).__name__}: {e}")
     if hf:
         with SafetensorsReader(path) as reader:
             tensors = [(k, reader.shape(k), reader.dtype(k)) for k in sorted(reader.keys())]
-            check = (lambda: (check_keys(cfg, reader.keys()), check_shapes(cfg, reader.shapes()))) if cfg else None
+            check = (lambda: (check_keys(cfg, reader.keys(), src.prefix, src.skip),
+                              check_shapes(cfg, reader.shapes(), src.prefix))) if cfg else None
             status = _status(check)
     else:
         reader = weights.ParamsReader(loc.params_dir)
@@ -40,8 +41,29 @@ def describe(path: str) -> str:
     count = sum(int(np.prod(shape)) for _, shape, _ in tensors)
     size = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for _, shape, dtype in tensors)
     lines.append(f"parameters: {count:,} ({size / 2**30:.2f} GiB)")
+    if cfg is not None and is_omni(cfg):  # per tower: the decoder, the vision and the audio encoder
+        if hf:
+            tower = {k: e.path[0] for e in model_entries(cfg, src.prefix) for k in e.hf_keys}
+            part = {name: tower.get(name, "skipped" if name.startswith(src.skip) else "other")
+                    for name, _, _ in tensors}
+        else:
+            part = {name: name.split("/")[0] for name, _, _ in tensors}
+        counts: dict[str, int] = {}
+        for name, shape, _ in tensors:
+            counts[part[name]] = counts.get(part[name], 0) + int(np.prod(shape))
+        lines += [f"  {p}: {n:,}" for p, n in counts.items()]
     lines.append(f"matches the config: {status}")
     return "\n".join(lines)
+
+
+def _fields(cfg, prefix: str = "") -> list[str]:
+    """One line per config field; a nested config's fields (the thinker's towers) under its name."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        out += (_fields(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value)
+                else [f"  {prefix}{f.name}: {value}"])
+    return out
 
 
 def _status(check) -> str:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 
 import jax.numpy as jnp
@@ -10,8 +9,7 @@ import numpy as np
 
 from convert.common import copy_side_files, progress
 from zenjax import weights
-from zenjax.models.hf import SafetensorsReader, check_keys, check_shapes, entries
-from zenjax.models.qwen3 import Qwen3Config
+from zenjax.models.hf import SafetensorsReader, check_keys, check_shapes, model_entries, source
 
 
 # How far ahead of the conversion the kernel reads the source (into its page cache, not this process).
@@ -25,14 +23,19 @@ def hf_to_orbax(hf_dir: str, out: str, *, dtype: np.dtype | None = None,
                 mesh_shape: dict[str, int] | None = None) -> str:
     """Converts; `dtype` is the stored dtype (default: the source's, promoted across one parameter's tensors).
     Config, tensor names and shapes are checked before anything is written; the output appears only once
-    complete, and a failure removes what was written."""
-    cfg = Qwen3Config.from_hf(hf_dir)
-    with open(os.path.join(hf_dir, "config.json")) as f:
-        source_config = json.load(f)
+    complete, and a failure removes what was written. The config's model_type picks the mapping (see
+    `zenjax.models.hf.source`); of a whole Qwen3-Omni-MoE checkpoint, the thinker is converted and the talker's
+    and code2wav's tensors are skipped."""
+    src = source(hf_dir)
+    cfg = src.cfg
     with SafetensorsReader(hf_dir) as reader:
-        check_keys(cfg, reader.keys())
-        check_shapes(cfg, reader.shapes())
-        plan = list(entries(cfg))
+        check_keys(cfg, reader.keys(), src.prefix, src.skip)
+        check_shapes(cfg, reader.shapes(), src.prefix)
+        skipped = sorted(k for k in reader.keys() if k.startswith(src.skip)) if src.skip else []
+        if skipped:
+            prefixes = sorted({p for p in src.skip if any(k.startswith(p) for k in skipped)})
+            print(f"skipping {len(skipped)} tensors not part of the thinker (under {', '.join(prefixes)})")
+        plan = list(model_entries(cfg, src.prefix))
         dtypes: dict = {}
         for e in plan:
             for k in e.hf_keys:
@@ -42,7 +45,7 @@ def hf_to_orbax(hf_dir: str, out: str, *, dtype: np.dtype | None = None,
         with weights.atomic_directory(out) as tmp:
             stored = {str(d) for d in dtypes.values()}
             name = stored.pop() if len(stored) == 1 else "float32"
-            weights.write_config(tmp, cfg, source_config, dtype=name, torch_dtype=name)
+            weights.write_config(tmp, cfg, src.config, dtype=name, torch_dtype=name)
             copy_side_files(hf_dir, tmp)
             # Slices are written in the background while the next is read, up to half the largest in flight.
             writer = weights.WeightsWriter(os.path.join(tmp, weights.PARAMS), cfg, dtypes, mesh_shape,

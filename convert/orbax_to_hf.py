@@ -9,8 +9,7 @@ import numpy as np
 
 from convert.common import copy_side_files, progress
 from zenjax import weights
-from zenjax.models.hf import SAFETENSORS_DTYPES, entries, hf_shapes
-from zenjax.models.qwen3 import Qwen3Config
+from zenjax.models.hf import SAFETENSORS_DTYPES, hf_shapes, model_entries, source
 
 _ST_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 INDEX = "model.safetensors.index.json"
@@ -88,15 +87,15 @@ class SafetensorsWriter:
 def orbax_to_hf(src: str, out: str, *, dtype: np.dtype | None = None, max_shard_size: int = 5 * 10**9) -> str:
     """Converts a weights dir or a training workdir (its latest step); `dtype` defaults to each parameter's
     stored dtype. Config, parameter names and shapes are checked before anything is written; the output appears
-    only once complete, and a failure removes what was written."""
+    only once complete, and a failure removes what was written. A Qwen3-Omni-MoE thinker is written as a
+    standalone thinker (`Qwen3OmniMoeThinkerForConditionalGeneration`)."""
     loc = weights.locate(src)
-    cfg = Qwen3Config.from_hf(loc.config_path)
-    with open(loc.config_path) as f:
-        source_config = json.load(f)
+    stored = source(loc.config_path)
+    cfg, source_config = stored.cfg, stored.config
     reader = weights.ParamsReader(loc.params_dir)
     reader.check(cfg)
     shapes = hf_shapes(cfg)
-    plan_entries = list(entries(cfg))
+    plan_entries = list(model_entries(cfg))
     out_dtype = {e.path: dtype if dtype is not None else reader.dtype(e.path) for e in plan_entries}
     plan = [(k, shapes[k], out_dtype[e.path]) for e in plan_entries for k in e.hf_keys]
     nbytes = [int(np.prod(reader.shape(e.path)[e.layer is not None:])) * reader.dtype(e.path).itemsize

@@ -281,7 +281,7 @@ def test_broken_hf_input_fails_by_name_and_leaves_nothing(tmp_path, case):
 def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     _save_hf(dense_config(), tmp_path / "hf")
     _set_config(tmp_path / "hf", model_type="llama")
-    assert main(["hf-to-orbax", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]) == 1
+    assert main(["hf-to-orbax", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]) == 2
     assert "error: unsupported model_type 'llama'" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["hf"]
 

@@ -31,18 +31,23 @@ HF_CFG = dict(
 RNG = np.random.default_rng(0)
 
 
-@pytest.fixture(scope="module")
-def hf(tmp_path_factory):
+def random_thinker():
+    """The tiny HF thinker with weights of std 1/sqrt(fan_in) and random norms and biases: HF's init (std 0.02,
+    zero biases, unit norms) leaves features too small to show a misplaced one."""
     torch.manual_seed(0)
     model = Qwen3OmniMoeThinkerForConditionalGeneration(Qwen3OmniMoeThinkerConfig(**HF_CFG)).float().eval()
-    # HF's init (std 0.02, zero biases, unit norms) leaves features too small to show a misplaced one: weights of
-    # std 1/sqrt(fan_in), random norms and biases.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim > 1:
                 p.normal_(0.0, (p.shape[-1] if "experts" in name else p[0].numel()) ** -0.5)
             else:
                 p.copy_(("weight" in name) + 0.2 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    model = random_thinker()
     path = tmp_path_factory.mktemp("thinker")
     model.save_pretrained(path)  # the names a checkpoint has: transformers 5 renames (and unfuses experts) on save
     return model, load_file(str(path / "model.safetensors")), path

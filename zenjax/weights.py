@@ -1,6 +1,7 @@
 """The weights directory: what `python -m convert hf-to-orbax` writes and training's `init_from` reads.
 
-    <dir>/config.json   HF-style config (`Qwen3Config.to_hf()`, plus the source's other keys such as token ids)
+    <dir>/config.json   HF-style config (`Qwen3Config.to_hf()`, or a Qwen3-Omni-MoE thinker's `OmniConfig.to_hf()`,
+                        plus the source's other keys such as token ids)
     <dir>/params/       Orbax checkpoint of `nnx.to_pure_dict(nnx.state(model, nnx.Param))`
     <dir>/tokenizer*    tokenizer and generation files copied from the HF source, if any
 
@@ -30,8 +31,8 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
-from zenjax.models.hf import Path, param_shapes
-from zenjax.models.qwen3 import Qwen3, Qwen3Config
+from zenjax.models import hf
+from zenjax.models.hf import ModelConfig, Path, param_shapes
 from zenjax.sharding import MESH_AXES, TRAINING, logical_to_spec, param_shardings
 
 PARAMS = "params"
@@ -45,12 +46,12 @@ WRITEBACK_BYTES = 128 << 20
 _th = ocp.type_handlers
 
 
-def read_config(path: str | os.PathLike) -> Qwen3Config:
-    """The model config of a weights dir or training workdir."""
-    return Qwen3Config.from_hf(locate(path).config_path)
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """The model config of a weights dir or training workdir: a Qwen3Config, or an OmniConfig for a thinker's."""
+    return hf.source(locate(path).config_path).cfg
 
 
-def write_config(directory: str | os.PathLike, cfg: Qwen3Config, base: Mapping[str, Any] | None = None,
+def write_config(directory: str | os.PathLike, cfg: ModelConfig, base: Mapping[str, Any] | None = None,
                  **extra) -> None:
     """config.json: `base` (e.g. the source's config, for its token ids) overridden by `cfg.to_hf()` and `extra`."""
     hf = {**(base or {}), **cfg.to_hf(), **extra}
@@ -177,7 +178,7 @@ class WeightsWriter:
     for its writes so the caller can remove the directory.
     """
 
-    def __init__(self, directory: str | os.PathLike, cfg: Qwen3Config, dtypes: Mapping[Path, Any] | Any,
+    def __init__(self, directory: str | os.PathLike, cfg: ModelConfig, dtypes: Mapping[Path, Any] | Any,
                  mesh_shape: Mapping[str, int] | None = None, inflight_bytes: int = 0):
         if mesh_shape and set(mesh_shape) - set(MESH_AXES):
             raise ValueError(f"unknown mesh axes {sorted(set(mesh_shape) - set(MESH_AXES))}; known: {MESH_AXES}")
@@ -299,7 +300,7 @@ class ParamsReader:
     def dtype(self, path: Path) -> np.dtype:
         return np.dtype(self._meta[_path(path)].dtype)
 
-    def check(self, cfg: Qwen3Config) -> None:
+    def check(self, cfg: ModelConfig) -> None:
         """Every parameter of the model present with its shape, and nothing else: name what is off."""
         want = {p: s for p, (s, _) in param_shapes(cfg).items()}
         missing = sorted(_name(p) for p in want.keys() - self._meta.keys())
@@ -364,7 +365,7 @@ def locate(path: str | os.PathLike) -> Located:
     return Located(config, params, path, step)
 
 
-def save_weights(directory: str | os.PathLike, cfg: Qwen3Config, params: Mapping) -> None:
+def save_weights(directory: str | os.PathLike, cfg: ModelConfig, params: Mapping) -> None:
     """Writes a weights dir from a pure param dict (host or addressable arrays; one process)."""
     flat = _flatten(params)
     with atomic_directory(directory) as tmp:
@@ -374,19 +375,19 @@ def save_weights(directory: str | os.PathLike, cfg: Qwen3Config, params: Mapping
                 w.write(path, None, np.asarray(value))
 
 
-def load_weights(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype=None) -> tuple[Qwen3Config, dict]:
+def load_weights(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype=None) -> tuple[ModelConfig, dict]:
     """(config, pure param dict) from a weights dir or training workdir. With a mesh, each array is restored
     straight into its NamedSharding from the parameters' logical axes (each device reads its own shard);
     without, into host numpy arrays. `dtype` casts while reading (default: as stored)."""
     loc = locate(path)
-    cfg = Qwen3Config.from_hf(loc.config_path)
+    cfg = read_config(path)
     reader = ParamsReader(loc.params_dir)
     reader.check(cfg)
     shapes = param_shapes(cfg)
     if mesh is not None:
         # jax.eval_shape, not nnx.eval_shape: that one resolves the logical names against the current mesh.
-        abstract = jax.eval_shape(lambda: nnx.state(Qwen3(cfg, rngs=nnx.Rngs(0)), nnx.Param))
-        shardings = _flatten(param_shardings(mesh, abstract, cfg.rules))
+        abstract = jax.eval_shape(lambda: nnx.state(hf.build(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+        shardings = _flatten(param_shardings(mesh, abstract, hf.text_config(cfg).rules))
     args = {}
     for p, (shape, _) in shapes.items():
         dt = np.dtype(dtype) if dtype is not None else reader.dtype(p)

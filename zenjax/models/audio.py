@@ -9,7 +9,7 @@ index arrays, so a jitted forward compiles once per layout shape. LayerNorm and 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from zenjax.models import hf
 from zenjax.models.qwen3 import param
 from zenjax.models.vision import LayerNorm, Linear
 
@@ -231,54 +232,42 @@ _LEAVES = {
 }
 
 
-def _entries(cfg: AudioConfig):
-    """(our path, HF names, stacked, HF -> ours, ours -> HF); a stacked parameter has one HF name per layer."""
-    for path, name, kind, stacked in ([(p, n, k, False) for p, n, k in _TOP]
-                                      + [(("layers", *p), n, k, True) for p, n, k in _LAYER]):
+def entries(cfg: AudioConfig, prefix: str = "thinker.audio_tower.") -> Iterator[hf.Entry]:
+    """Every tensor of the encoder as an `hf.Entry` (paths inside the encoder; a layer's tensor once per layer)."""
+    def entry(path, layer, name, fwd, inv):
+        return hf.Entry(path, layer, (prefix + name,), lambda a: np.ascontiguousarray(fwd(a[0])),
+                        lambda v: [np.ascontiguousarray(inv(v))])
+
+    for path, name, kind in _TOP:
         for ours, theirs, fwd, inv in _LEAVES[kind]:
-            names = [f"layers.{i}.{name}.{theirs}" for i in range(cfg.num_layers)] if stacked else [f"{name}.{theirs}"]
-            yield (*path, ours), names, stacked, fwd, inv
-
-
-def _abstract_params(cfg: AudioConfig) -> dict:
-    return nnx.state(nnx.eval_shape(lambda: AudioEncoder(cfg, rngs=nnx.Rngs(0)))).to_pure_dict()
+            yield entry((*path, ours), None, f"{name}.{theirs}", fwd, inv)
+    for i in range(cfg.num_layers):
+        for path, name, kind in _LAYER:
+            for ours, theirs, fwd, inv in _LEAVES[kind]:
+                yield entry(("layers", *path, ours), i, f"layers.{i}.{name}.{theirs}", fwd, inv)
 
 
 def from_hf(cfg: AudioConfig, tensors: Mapping[str, np.ndarray], prefix: str = "thinker.audio_tower.") -> dict:
     """An nnx pure dict (for `nnx.update(encoder, ...)`) from HF tensors named `prefix + <HF name>`; every tensor
     under `prefix` must be used, and each parameter's shape must match `cfg`."""
-    abstract, out, used = _abstract_params(cfg), {}, set()
-    for path, names, stacked, fwd, _ in _entries(cfg):
-        missing = [prefix + n for n in names if prefix + n not in tensors]
-        if missing:
-            raise ValueError(f"HF tensor {missing[0]!r} is missing (needed for {'/'.join(path)})")
-        used.update(prefix + n for n in names)
-        parts = [fwd(np.asarray(tensors[prefix + n])) for n in names]
-        value = np.stack(parts) if stacked else parts[0]
-        want = abstract
-        for p in path:
-            want = want[p]
-        if value.shape != want.shape:
-            raise ValueError(f"HF tensor {prefix + names[0]!r} gives {'/'.join(path)} shape {value.shape}, "
-                             f"expected {want.shape}")
-        node = out
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = value
+    plan = list(entries(cfg, prefix))
+    for e in plan:
+        if e.hf_keys[0] not in tensors:
+            raise ValueError(f"HF tensor {e.hf_keys[0]!r} is missing (needed for {'/'.join(map(str, e.path))})")
+    used = {e.hf_keys[0] for e in plan}
     unused = sorted(k for k in tensors if k.startswith(prefix) and k not in used)
     if unused:
         raise ValueError(f"HF tensors under {prefix!r} that the audio encoder does not use: {unused[:5]}")
+    out = hf.gather(plan, tensors)
+    abstract = dict(nnx.to_flat_state(nnx.state(nnx.eval_shape(lambda: AudioEncoder(cfg, rngs=nnx.Rngs(0))))))
+    for e in plan:
+        want, value = abstract[e.path].get_value().shape, hf.lookup(out, e.path)
+        if value.shape != want:
+            raise ValueError(f"HF tensor {e.hf_keys[0]!r} gives {'/'.join(e.path)} shape {value.shape}, "
+                             f"expected {want}")
     return out
 
 
 def to_hf(cfg: AudioConfig, params: Mapping[str, Any], prefix: str = "thinker.audio_tower.") -> dict[str, np.ndarray]:
     """HF tensors (numpy, HF layouts) from the encoder's pure dict (`nnx.state(encoder).to_pure_dict()`)."""
-    out = {}
-    for path, names, stacked, _, inv in _entries(cfg):
-        value = params
-        for p in path:
-            value = value[p]
-        value = np.asarray(value)
-        for i, n in enumerate(names):
-            out[prefix + n] = np.ascontiguousarray(inv(value[i] if stacked else value))
-    return out
+    return hf.scatter(entries(cfg, prefix), params)

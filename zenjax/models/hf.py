@@ -12,14 +12,15 @@ import glob
 import json
 import os
 import struct
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from zenjax.models.qwen3 import Qwen3, Qwen3Config
+from zenjax.models.qwen3 import Qwen3, Qwen3Config, read_hf_config
 
 Path = tuple  # a path into nnx.state(model), e.g. ("stacks", 0, "attn", "q")
 
@@ -101,6 +102,103 @@ def entries(cfg: Qwen3Config, prefix: str = "") -> Iterator[Entry]:
                 for name in ("gate", "up", "down"):
                     yield Entry(st + ("mlp", name), j, (p + f"mlp.{name}_proj.weight",), *linear)
             layer += 1
+
+
+# ------------------------------------------------------------------------------------ which mapping a config picks
+
+# A Qwen3Config (Qwen3 / Qwen3-MoE) or an omni.OmniConfig (the Qwen3-Omni-MoE thinker); omni.py imports this module,
+# so it is imported where an OmniConfig is handled, not at the top.
+ModelConfig = Any
+# In a whole Qwen3-Omni-MoE checkpoint: the tensors under these prefixes are the talker's and the code2wav's, which
+# zenjax has no model for.
+OMNI_SKIPPED = ("talker.", "code2wav.")
+
+
+def _omni():
+    from zenjax.models import omni  # noqa: PLC0415 - omni imports this module
+    return omni
+
+
+def is_omni(cfg: ModelConfig) -> bool:
+    return not isinstance(cfg, Qwen3Config)
+
+
+def text_config(cfg: ModelConfig) -> Qwen3Config:
+    """The decoder's config: `cfg` itself, or the thinker's text config."""
+    return cfg.text if is_omni(cfg) else cfg
+
+
+def build(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+    """The model a config describes: Qwen3, or the Omni thinker."""
+    return _omni().OmniThinker(cfg, rngs=rngs) if is_omni(cfg) else Qwen3(cfg, rngs=rngs)
+
+
+def model_entries(cfg: ModelConfig, prefix: str = "") -> Iterator[Entry]:
+    """Every parameter slice of the model a config describes (`entries`, or `omni.entries` for the thinker)."""
+    return _omni().entries(cfg, prefix) if is_omni(cfg) else entries(cfg, prefix)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """What an HF config.json says about its checkpoint's tensors."""
+    cfg: ModelConfig
+    prefix: str  # before every converted tensor's name ("thinker." in a whole Qwen3-Omni-MoE checkpoint)
+    skip: tuple[str, ...]  # prefixes of tensors present but not converted
+    config: dict  # the converted model's own config dict (a whole Qwen3-Omni-MoE's thinker_config)
+
+
+def source(hf_cfg: Mapping[str, Any] | str | os.PathLike, **overrides) -> Source:
+    """Dispatches on model_type: qwen3 / qwen3_moe (`Qwen3Config`), qwen3_omni_moe_thinker (a standalone thinker)
+    or qwen3_omni_moe (a whole model, of which the thinker is converted). `hf_cfg` is a dict, a config.json or the
+    directory holding it."""
+    hf_cfg = read_hf_config(hf_cfg)
+    model_type = hf_cfg.get("model_type")
+    if model_type == "qwen3_omni_moe":
+        return Source(_omni().OmniConfig.from_hf(hf_cfg, **overrides), "thinker.", OMNI_SKIPPED,
+                      dict(hf_cfg.get("thinker_config") or {}))
+    if model_type == "qwen3_omni_moe_thinker":
+        return Source(_omni().OmniConfig.from_hf(hf_cfg, **overrides), "", (), dict(hf_cfg))
+    return Source(Qwen3Config.from_hf(hf_cfg, **overrides), "", (), dict(hf_cfg))  # refuses other model types
+
+
+# ------------------------------------------------------------------------------------ whole models as pure dicts
+
+def lookup(tree: Mapping, path: Path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def gather(plan: Iterable[Entry], tensors: Mapping[str, np.ndarray], dtype=None) -> dict:
+    """An nnx pure dict from HF tensors by name (numpy; cast to `dtype` if given), layers stacked in order."""
+    out: dict = {}
+    layers: dict[Path, list] = {}
+    for e in plan:
+        arr = e.to_ours([np.asarray(tensors[k]) for k in e.hf_keys])
+        arr = arr if dtype is None else arr.astype(dtype, copy=False)
+        if e.layer is None:
+            node = out
+            for p in e.path[:-1]:
+                node = node.setdefault(p, {})
+            node[e.path[-1]] = arr
+        else:
+            layers.setdefault(e.path, []).append(arr)
+    for path, arrs in layers.items():
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = np.stack(arrs)
+    return out
+
+
+def scatter(plan: Iterable[Entry], params: Mapping) -> dict[str, np.ndarray]:
+    """Inverse of `gather`: HF tensors by name from a pure dict, dtypes unchanged."""
+    params = jax.tree.map(np.asarray, params)  # once, not once per layer slice
+    out = {}
+    for e in plan:
+        node = lookup(params, e.path)
+        out.update(zip(e.hf_keys, e.to_hf(node if e.layer is None else node[e.layer]), strict=True))
+    return out
 
 
 # safetensors dtype names <-> numpy dtypes (bfloat16 from ml_dtypes, as jax uses it).
@@ -209,19 +307,21 @@ class SafetensorsReader:
         self.close()
 
 
-def check_keys(cfg: Qwen3Config, available: set[str]) -> None:
-    """Every HF tensor used exactly once and every parameter filled: name what is off."""
-    wanted = {k for e in entries(cfg) for k in e.hf_keys}
-    missing, unexpected = sorted(wanted - available), sorted(available - wanted)
-    if cfg.tie_embeddings and "lm_head.weight" in unexpected:
-        unexpected.remove("lm_head.weight")  # tied checkpoints sometimes still carry the copy
+def check_keys(cfg: ModelConfig, available: set[str], prefix: str = "", skip: tuple[str, ...] = ()) -> None:
+    """Every HF tensor used exactly once and every parameter filled: name what is off. Tensors whose names start
+    with one of `skip` (parts of the checkpoint that are not converted) are left out."""
+    wanted = {k for e in model_entries(cfg, prefix) for k in e.hf_keys}
+    missing = sorted(wanted - available)
+    unexpected = sorted(k for k in available - wanted if not k.startswith(skip))
+    if text_config(cfg).tie_embeddings and prefix + "lm_head.weight" in unexpected:
+        unexpected.remove(prefix + "lm_head.weight")  # tied checkpoints sometimes still carry the copy
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the config: missing tensors {missing[:20]}"
                          f"{' ...' if len(missing) > 20 else ''}; unexpected tensors {unexpected[:20]}"
                          f"{' ...' if len(unexpected) > 20 else ''}")
 
 
-def param_shapes(cfg: Qwen3Config) -> dict[Path, tuple[tuple[int, ...], tuple[str | None, ...]]]:
+def param_shapes(cfg: ModelConfig) -> dict[Path, tuple[tuple[int, ...], tuple[str | None, ...]]]:
     """Shape and logical axis names of every parameter, by path; nothing is allocated."""
     return dict(_param_shapes(cfg))
 
@@ -230,7 +330,7 @@ def param_shapes(cfg: Qwen3Config) -> dict[Path, tuple[tuple[int, ...], tuple[st
 def _param_shapes(cfg: Qwen3Config) -> tuple:
     # Traced once per config: a conversion asks several times, and tracing a large model takes a while.
     # jax.eval_shape, not nnx.eval_shape: that one resolves the logical names against the current mesh.
-    params = jax.eval_shape(lambda: nnx.state(Qwen3(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+    params = jax.eval_shape(lambda: nnx.state(build(cfg, rngs=nnx.Rngs(0)), nnx.Param))
     return tuple((path, (tuple(var.get_value().shape), tuple(var.get_metadata()["out_sharding"])))
                  for path, var in nnx.to_flat_state(params))
 
@@ -243,20 +343,20 @@ def slice_shape(e: Entry, param_shape: tuple[int, ...]) -> tuple[int, ...]:
 _PROBE = np.dtype([])
 
 
-def hf_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
+def hf_shapes(cfg: ModelConfig, prefix: str = "") -> dict[str, tuple[int, ...]]:
     """The shape every HF tensor must have, derived from the parameter shapes through `Entry.to_hf`."""
     shapes = param_shapes(cfg)
     out = {}
-    for e in entries(cfg):
+    for e in model_entries(cfg, prefix):
         probe = np.empty(slice_shape(e, shapes[e.path][0]), _PROBE)
         out.update({k: a.shape for k, a in zip(e.hf_keys, e.to_hf(probe), strict=True)})
     return out
 
 
-def check_shapes(cfg: Qwen3Config, shapes: dict[str, tuple[int, ...]]) -> None:
+def check_shapes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], prefix: str = "") -> None:
     """Every tensor the config needs has the shape it needs: name each that does not, with both shapes."""
     bad = [f"{k} is {tuple(shapes[k])}, expected {want}"
-           for k, want in hf_shapes(cfg).items() if k in shapes and tuple(shapes[k]) != want]
+           for k, want in hf_shapes(cfg, prefix).items() if k in shapes and tuple(shapes[k]) != want]
     if bad:
         raise ValueError(f"checkpoint does not match the config: {len(bad)} tensors have the wrong shape: "
                          + "; ".join(bad[:20]) + (" ..." if len(bad) > 20 else ""))

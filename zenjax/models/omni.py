@@ -9,12 +9,10 @@ rest (`OmniThinker.embed`, and `forward`: embed, then `Qwen3.hidden`) is jittabl
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -22,7 +20,7 @@ from flax import nnx
 from zenjax.models import audio, hf, vision
 from zenjax.models.audio import AudioConfig, AudioEncoder, AudioLayout, audio_layout, output_lengths
 from zenjax.models.mrope import MRopeConfig, rope_index
-from zenjax.models.qwen3 import Qwen3, Qwen3Config
+from zenjax.models.qwen3 import Qwen3, Qwen3Config, read_hf_config
 from zenjax.models.vision import VisionConfig, VisionEncoder
 
 
@@ -52,10 +50,7 @@ class OmniConfig:
                 **text_overrides) -> "OmniConfig":
         """From an HF Qwen3-Omni-MoE config.json (path, directory or dict): the whole model's (its thinker_config)
         or a thinker's, hub or transformers-5 key style. `dtype` is the compute dtype of all three towers."""
-        if not isinstance(hf_cfg, Mapping):
-            path = os.path.join(hf_cfg, "config.json") if os.path.isdir(hf_cfg) else hf_cfg
-            with open(path) as f:
-                hf_cfg = json.load(f)
+        hf_cfg = read_hf_config(hf_cfg)
         th = hf_cfg.get("thinker_config", hf_cfg)
         text = dict(th["text_config"])
         rope = {**(text.pop("rope_scaling", None) or {}), **(text.pop("rope_parameters", None) or {})}
@@ -191,6 +186,16 @@ class OmniThinker(nnx.Module):
 
 # ------------------------------------------------------------------------------------------------ HF weights
 
+def entries(cfg: OmniConfig, prefix: str = "thinker.") -> Iterator[hf.Entry]:
+    """Every parameter slice of the thinker (paths into `nnx.state(thinker)`), HF names under `prefix`: "thinker."
+    in a whole Qwen3-Omni-MoE checkpoint, "" in a saved `Qwen3OmniMoeThinkerForConditionalGeneration`."""
+    towers = (("text", hf.entries(cfg.text, prefix)), ("visual", vision.entries(cfg.vision, prefix + "visual.")),
+              ("audio_tower", audio.entries(cfg.audio, prefix + "audio_tower.")))
+    for tower, tower_entries in towers:
+        for e in tower_entries:
+            yield dataclasses.replace(e, path=(tower, *e.path))
+
+
 def from_hf(cfg: OmniConfig, tensors: Mapping[str, np.ndarray], prefix: str = "thinker.") -> dict:
     """The thinker's nnx pure dict (for `nnx.update(thinker, ...)`) from HF tensors by name: the hub's
     (`thinker.model.*`, `thinker.visual.*`, `thinker.audio_tower.*`, `thinker.lm_head.weight`), or with prefix ""
@@ -199,36 +204,12 @@ def from_hf(cfg: OmniConfig, tensors: Mapping[str, np.ndarray], prefix: str = "t
     names = {k[len(prefix):] for k in tensors if k.startswith(prefix) and not k.startswith(towers)}
     hf.check_keys(cfg.text, names)  # the decoder's names are Qwen3MoeForCausalLM's under the prefix
     hf.check_shapes(cfg.text, {k: np.shape(tensors[prefix + k]) for k in names})
-    dtype = jnp.dtype(cfg.text.param_dtype)
-    text: dict = {}
-    layers: dict[tuple, list] = {}
-    for e in hf.entries(cfg.text, prefix):
-        arr = e.to_ours([np.asarray(tensors[k]) for k in e.hf_keys]).astype(dtype, copy=False)
-        if e.layer is None:
-            _set(text, e.path, arr)
-        else:
-            layers.setdefault(e.path, []).append(arr)
-    for path, arrs in layers.items():
-        _set(text, path, np.stack(arrs))
     return {"visual": vision.from_hf(cfg.vision, tensors, towers[0]),
-            "audio_tower": audio.from_hf(cfg.audio, tensors, towers[1]), "text": text}
+            "audio_tower": audio.from_hf(cfg.audio, tensors, towers[1]),
+            "text": hf.gather(hf.entries(cfg.text, prefix), tensors, jnp.dtype(cfg.text.param_dtype))}
 
 
 def to_hf(cfg: OmniConfig, params: Mapping, prefix: str = "thinker.") -> dict[str, np.ndarray]:
     """Inverse of `from_hf`: the pure dict (e.g. `nnx.to_pure_dict(nnx.state(thinker, nnx.Param))`) as HF
     tensors by name, dtypes unchanged."""
-    params = jax.tree.map(np.asarray, params)  # once, not once per layer slice
-    out = vision.to_hf(cfg.vision, params["visual"], prefix + "visual.")
-    out.update(audio.to_hf(cfg.audio, params["audio_tower"], prefix + "audio_tower."))
-    for e in hf.entries(cfg.text, prefix):
-        node = params["text"]
-        for p in e.path:
-            node = node[p]
-        out.update(zip(e.hf_keys, e.to_hf(node if e.layer is None else node[e.layer]), strict=True))
-    return out
-
-
-def _set(tree: dict, path: tuple, value) -> None:
-    for p in path[:-1]:
-        tree = tree.setdefault(p, {})
-    tree[path[-1]] = value
+    return hf.scatter(entries(cfg, prefix), params)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax
@@ -112,12 +112,7 @@ class Qwen3Config:
     @classmethod
     def from_hf(cls, hf: dict[str, Any] | str | os.PathLike, **overrides) -> "Qwen3Config":
         """From an HF config.json (path, directory or dict); accepts hub and transformers-5 key styles."""
-        if not isinstance(hf, dict):
-            path = os.path.join(hf, "config.json") if os.path.isdir(hf) else hf
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"no config.json at {path}")
-            with open(path) as f:
-                hf = json.load(f)
+        hf = read_hf_config(hf)
         model_type = hf.get("model_type")
         if model_type not in ("qwen3", "qwen3_moe"):
             raise ValueError(f"unsupported model_type {model_type!r}: zenjax loads 'qwen3' and 'qwen3_moe'")
@@ -173,6 +168,17 @@ class Qwen3Config:
                       decoder_sparse_step=self.decoder_sparse_step, mlp_only_layers=list(self.mlp_only_layers),
                       router_aux_loss_coef=self.router_aux_loss_coef, output_router_logits=False)
         return hf
+
+
+def read_hf_config(hf: Mapping[str, Any] | str | os.PathLike) -> Mapping[str, Any]:
+    """An HF config as a dict: `hf` itself, or read from a config.json or the directory holding one."""
+    if isinstance(hf, Mapping):
+        return hf
+    path = os.path.join(hf, "config.json") if os.path.isdir(hf) else hf
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no config.json at {path}")
+    with open(path) as f:
+        return json.load(f)
 
 
 def param(rngs: nnx.Rngs, cfg: Any, shape, axes, init: str = "normal") -> nnx.Param:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from zenjax.models import hf
 from zenjax.models.qwen3 import param
 
 F32 = jnp.float32
@@ -301,41 +302,47 @@ class VisionEncoder(nnx.Module):
 
 # ------------------------------------------------------------------------------------------------ HF weights
 
-def _entries(cfg: VisionConfig):
-    """(our path, layer or None, HF name after the prefix, HF -> ours, ours -> HF) for every tensor of the tower."""
+def entries(cfg: VisionConfig, prefix: str = "thinker.visual.") -> Iterator[hf.Entry]:
+    """Every tensor of the tower as an `hf.Entry` (paths inside the encoder; a block's tensor once per layer)."""
     E, H, D = cfg.hidden_size, cfg.num_heads, cfg.head_dim
     conv_shape = (E, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
-    ident = (lambda a: a, lambda a: a)
-    linear = (lambda a: np.ascontiguousarray(a.T), lambda a: np.ascontiguousarray(a.T))  # torch stores [out, in]
-    conv = (lambda a: np.ascontiguousarray(a.reshape(E, -1).T), lambda a: np.ascontiguousarray(a.T).reshape(conv_shape))
-    qkv = (lambda a: np.ascontiguousarray(a.T).reshape(E, 3, H, D), lambda a: np.ascontiguousarray(a.reshape(E, -1).T))
-    qkv_bias = (lambda a: a.reshape(3, H, D), lambda a: a.reshape(-1))
-    o = (lambda a: np.ascontiguousarray(a.T).reshape(H, D, E), lambda a: np.ascontiguousarray(a.reshape(H * D, E).T))
+    ident = (lambda a: a[0], lambda a: [a])
+    linear = (lambda a: np.ascontiguousarray(a[0].T), lambda a: [np.ascontiguousarray(a.T)])  # torch: [out, in]
+    conv = (lambda a: np.ascontiguousarray(a[0].reshape(E, -1).T),
+            lambda a: [np.ascontiguousarray(a.T).reshape(conv_shape)])
+    qkv = (lambda a: np.ascontiguousarray(a[0].T).reshape(E, 3, H, D),
+           lambda a: [np.ascontiguousarray(a.reshape(E, -1).T)])
+    qkv_bias = (lambda a: a[0].reshape(3, H, D), lambda a: [a.reshape(-1)])
+    o = (lambda a: np.ascontiguousarray(a[0].T).reshape(H, D, E),
+         lambda a: [np.ascontiguousarray(a.reshape(H * D, E).T)])
+
+    def entry(path, layer, name, fns):
+        return hf.Entry(path, layer, (prefix + name,), *fns)
 
     def dense(path, name, layer=None):
-        yield path + ("kernel",), layer, f"{name}.weight", *linear
-        yield path + ("bias",), layer, f"{name}.bias", *ident
+        yield entry(path + ("kernel",), layer, f"{name}.weight", linear)
+        yield entry(path + ("bias",), layer, f"{name}.bias", ident)
 
     def norm(path, name, layer=None):
-        yield path + ("scale",), layer, f"{name}.weight", *ident
-        yield path + ("bias",), layer, f"{name}.bias", *ident
+        yield entry(path + ("scale",), layer, f"{name}.weight", ident)
+        yield entry(path + ("bias",), layer, f"{name}.bias", ident)
 
     def merger(path, name):
         yield from norm(path + ("norm",), f"{name}.ln_q")
         yield from dense(path + ("fc1",), f"{name}.mlp.0")
         yield from dense(path + ("fc2",), f"{name}.mlp.2")
 
-    yield ("patch_embed", "kernel"), None, "patch_embed.proj.weight", *conv
-    yield ("patch_embed", "bias"), None, "patch_embed.proj.bias", *ident
-    yield ("pos_embed",), None, "pos_embed.weight", *ident
+    yield entry(("patch_embed", "kernel"), None, "patch_embed.proj.weight", conv)
+    yield entry(("patch_embed", "bias"), None, "patch_embed.proj.bias", ident)
+    yield entry(("pos_embed",), None, "pos_embed.weight", ident)
     for i in range(cfg.num_layers):
         b = f"blocks.{i}"
         yield from norm(("blocks", "norm1"), f"{b}.norm1", i)
         yield from norm(("blocks", "norm2"), f"{b}.norm2", i)
-        yield ("blocks", "attn", "qkv"), i, f"{b}.attn.qkv.weight", *qkv
-        yield ("blocks", "attn", "qkv_bias"), i, f"{b}.attn.qkv.bias", *qkv_bias
-        yield ("blocks", "attn", "o"), i, f"{b}.attn.proj.weight", *o
-        yield ("blocks", "attn", "o_bias"), i, f"{b}.attn.proj.bias", *ident
+        yield entry(("blocks", "attn", "qkv"), i, f"{b}.attn.qkv.weight", qkv)
+        yield entry(("blocks", "attn", "qkv_bias"), i, f"{b}.attn.qkv.bias", qkv_bias)
+        yield entry(("blocks", "attn", "o"), i, f"{b}.attn.proj.weight", o)
+        yield entry(("blocks", "attn", "o_bias"), i, f"{b}.attn.proj.bias", ident)
         yield from dense(("blocks", "fc1"), f"{b}.mlp.linear_fc1", i)
         yield from dense(("blocks", "fc2"), f"{b}.mlp.linear_fc2", i)
     yield from merger(("merger",), "merger")
@@ -346,42 +353,18 @@ def _entries(cfg: VisionConfig):
 def from_hf(cfg: VisionConfig, tensors: Mapping[str, np.ndarray], prefix: str = "thinker.visual.") -> dict:
     """The tower's HF tensors (hub names, e.g. `thinker.visual.blocks.0.attn.qkv.weight`) as an nnx pure dict of
     numpy arrays in cfg.param_dtype, for `nnx.update(encoder, ...)`. Every tensor under `prefix` must be used."""
-    dtype = jnp.dtype(cfg.param_dtype)
-    out: dict = {}
-    layers: dict[tuple, list] = {}
-    used = set()
-    for path, layer, name, to_ours, _ in _entries(cfg):
-        key = prefix + name
-        if key not in tensors:
-            raise ValueError(f"missing HF tensor {key!r} for the vision tower")
-        used.add(key)
-        arr = to_ours(np.asarray(tensors[key])).astype(dtype, copy=False)
-        if layer is None:
-            _set(out, path, arr)
-        else:
-            layers.setdefault(path, []).append(arr)
-    for path, arrs in layers.items():
-        _set(out, path, np.stack(arrs))
+    plan = list(entries(cfg, prefix))
+    used = {k for e in plan for k in e.hf_keys}
+    missing = [k for e in plan for k in e.hf_keys if k not in tensors]
+    if missing:
+        raise ValueError(f"missing HF tensor {missing[0]!r} for the vision tower")
     extra = sorted(k for k in tensors if k.startswith(prefix) and k not in used)
     if extra:
         raise ValueError(f"{len(extra)} HF tensors under {prefix!r} are not part of this vision tower: {extra[:10]}")
-    return out
+    return hf.gather(plan, tensors, jnp.dtype(cfg.param_dtype))
 
 
 def to_hf(cfg: VisionConfig, params: Mapping, prefix: str = "thinker.visual.") -> dict[str, np.ndarray]:
     """Inverse of `from_hf`: the nnx pure dict (e.g. `nnx.to_pure_dict(nnx.state(encoder, nnx.Param))`) as HF
     tensors by name, dtypes unchanged."""
-    out = {}
-    for path, layer, name, _, to_theirs in _entries(cfg):
-        node = params
-        for p in path:
-            node = node[p]
-        arr = np.asarray(node)
-        out[prefix + name] = to_theirs(arr if layer is None else arr[layer])
-    return out
-
-
-def _set(tree: dict, path: tuple, value) -> None:
-    for p in path[:-1]:
-        tree = tree.setdefault(p, {})
-    tree[path[-1]] = value
+    return hf.scatter(entries(cfg, prefix), params)
