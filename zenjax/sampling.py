@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from zenjax.models.omni import OmniThinker, placement
 from zenjax.models.qwen3 import KVCache, LayerCache, Qwen3
 from zenjax.sharding import constrain
 
@@ -68,6 +69,40 @@ def sample(model: Qwen3, prompts: Sequence[Sequence[int]], *, num_samples: int =
                   prompt_len=prompt_len, cache_len=cache_len, vocab_limit=vocab_limit, budgets=budgets)
     graphdef, state = nnx.split(model)
     return _generate(graphdef, state, req.prompt_PL, req.pmask_PL, req.budget_N, req.rng, *req.traced, **req.static)
+
+
+_TRACED_MEDIA = ("pixel_values", "pixel_values_videos", "input_features")
+
+
+def sample_multimodal(thinker: OmniThinker, prompts: Sequence[Sequence[int]], media: dict | None = None, *,
+                      num_samples: int = 1, max_new_tokens: int, rng: jax.Array | None, temperature: float = 1.0,
+                      top_k: int = 0, top_p: float = 1.0, eos_ids: Sequence[int] = (), pad_id: int = 0,
+                      greedy: bool = False, prompt_len: int | None = None, cache_len: int | None = None,
+                      vocab_limit: int | None = None, budgets: Sequence[int] | None = None) -> SampleOutput:
+    """`sample` for prompts with images, videos and audios: an `omni.OmniThinker` and its `media`, the keyword
+    arguments of `OmniThinker.__call__` (pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+    video_second_per_grid, input_features, feature_lens, use_audio_in_video) for the prompts' placeholders in
+    order over the batch. The placement (3-D positions, rope deltas, placeholder slots) is computed on the host
+    from the left-padded prompts; the prefill runs the encoders once per prompt and the `num_samples` rows of a
+    prompt share it; a decoded token at text index i (valid tokens before it) is at i + rope delta on all three
+    rows. The grids are static: new media sizes recompile. Other settings as `sample`'s."""
+    media = dict(media or {})
+    unknown = set(media) - {*_TRACED_MEDIA, "image_grid_thw", "video_grid_thw", "video_second_per_grid",
+                            "feature_lens", "use_audio_in_video"}
+    if unknown:
+        raise ValueError(f"sample_multimodal: unknown media arguments {sorted(unknown)}")
+    req = prepare(thinker.cfg.text, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens, rng=rng,
+                  temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=eos_ids, pad_id=pad_id, greedy=greedy,
+                  prompt_len=prompt_len, cache_len=cache_len, vocab_limit=vocab_limit, budgets=budgets)
+    grids = {k: None if media.get(k) is None else tuple(tuple(int(x) for x in g) for g in np.reshape(media[k], (-1, 3)))
+             for k in ("image_grid_thw", "video_grid_thw")}
+    p = placement(thinker.cfg, req.prompt_PL, req.pmask_PL, **grids,
+                  video_second_per_grid=media.get("video_second_per_grid"), feature_lens=media.get("feature_lens"),
+                  use_audio_in_video=bool(media.get("use_audio_in_video", False)))
+    arrays = {k: jnp.asarray(media[k]) for k in _TRACED_MEDIA if media.get(k) is not None}
+    graphdef, state = nnx.split(thinker)
+    return _generate_multimodal(graphdef, state, req.prompt_PL, req.pmask_PL, p, arrays, req.budget_N, req.rng,
+                                *req.traced, **grids, **req.static)
 
 
 def prepare(cfg, prompts: Sequence[Sequence[int]], *, num_samples: int, max_new_tokens: int, rng: jax.Array | None,
@@ -213,16 +248,29 @@ def _nucleus(probs_NV, top_p):
     return probs_NV >= jax.lax.bitcast_convert_type(hi_N, jnp.float32)[:, None]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "max_new", "cache_len", "greedy", "top_k",
-                                             "use_top_p", "eos_ids", "vocab_limit"))
+_STATIC = ("num_samples", "max_new", "cache_len", "greedy", "top_k", "use_top_p", "eos_ids", "vocab_limit")
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", *_STATIC))
 def _generate(graphdef, state, prompt_PL, pmask_PL, budget_N, rng, temperature, top_p, pad_id, *, num_samples, max_new,
               cache_len, greedy, top_k, use_top_p, eos_ids, vocab_limit):
     model = nnx.merge(graphdef, state)
+    out = model.hidden(prompt_PL, pmask_PL, cache=KVCache.init(model.cfg, prompt_PL.shape[0], cache_len))
+    start_P = pmask_PL.sum(axis=1, dtype=jnp.int32)  # position of the first new token
+    return _decode(model, out, start_P, prompt_PL, pmask_PL, budget_N, rng, temperature, top_p, pad_id,
+                   num_samples=num_samples, max_new=max_new, greedy=greedy, top_k=top_k, use_top_p=use_top_p,
+                   eos_ids=eos_ids, vocab_limit=vocab_limit)
+
+
+def _decode(model: Qwen3, out, start_P, prompt_PL, pmask_PL, budget_N, rng, temperature, top_p, pad_id, *,
+            num_samples, max_new, greedy, top_k, use_top_p, eos_ids, vocab_limit) -> SampleOutput:
+    """From the prefill's output (hidden states and cache of the P prompts) and the position of each prompt's
+    first new token, repeat the rows `num_samples` times and decode in a while loop. The token emitted at step t
+    is at position start + t, on all three rows of multimodal RoPE."""
     P, _ = prompt_PL.shape
     N = P * num_samples
     rep = functools.partial(jnp.repeat, repeats=num_samples)
 
-    out = model.hidden(prompt_PL, pmask_PL, cache=KVCache.init(model.cfg, P, cache_len))
     logits_NV = rep(model.logits(out.hidden_BTE[:, -1:])[:, 0], axis=0)
     kv_axes = (None, "batch", "act_kv_heads", None, None)
     cache = KVCache(tuple(LayerCache(*(constrain(rep(a, axis=1), kv_axes, model.cfg.rules) for a in (c.k, c.v)))
@@ -231,7 +279,7 @@ def _generate(graphdef, state, prompt_PL, pmask_PL, budget_N, rng, temperature, 
     layers = None
     if model.cfg.kernel_platform() == "cpu":  # see Qwen3.unstack_layers; accelerators slice scanned weights in place
         layers, cache = model.unstack_layers(), cache.unstack()
-    next_pos_N = rep(pmask_PL.sum(axis=1, dtype=jnp.int32), axis=0)  # position of the first new token
+    next_pos_N = rep(start_P, axis=0)
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
 
     def emit(t, logits_NV, done_N, tokens_NM, mask_NM, logp_NM):
@@ -254,7 +302,10 @@ def _generate(graphdef, state, prompt_PL, pmask_PL, budget_N, rng, temperature, 
 
     def body(carry):
         t, cache, tok_N, done_N, tokens_NM, mask_NM, logp_NM = carry
-        out = model.hidden(tok_N[:, None], positions_BT=(next_pos_N + t - 1)[:, None], cache=cache, layers=layers)
+        pos_N1 = (next_pos_N + t - 1)[:, None]
+        if model.cfg.mrope_section:  # time, row and column positions agree after the prompt
+            pos_N1 = jnp.broadcast_to(pos_N1, (3, *pos_N1.shape))
+        out = model.hidden(tok_N[:, None], positions_BT=pos_N1, cache=cache, layers=layers)
         logits_NV = model.logits(out.hidden_BTE)[:, 0]
         return (t + 1, out.cache, *emit(t, logits_NV, done_N, tokens_NM, mask_NM, logp_NM))
 
@@ -262,3 +313,20 @@ def _generate(graphdef, state, prompt_PL, pmask_PL, budget_N, rng, temperature, 
     out = SampleOutput(rep(prompt_PL, axis=0), rep(pmask_PL, axis=0), tokens_NM, mask_NM, logp_NM)
     # Rows over the batch axes as the trainer's batches are: each process then reads its own rows from its devices.
     return SampleOutput(*(constrain(x, ("batch", None), model.cfg.rules) for x in out))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "image_grid_thw", "video_grid_thw", *_STATIC))
+def _generate_multimodal(graphdef, state, prompt_PL, pmask_PL, p, media, budget_N, rng, temperature, top_p, pad_id, *,
+                         image_grid_thw, video_grid_thw, num_samples, max_new, cache_len, greedy, top_k, use_top_p,
+                         eos_ids, vocab_limit):
+    """`_generate` for the Omni thinker: the prefill embeds the media and feeds the placement's 3-D positions."""
+    thinker = nnx.merge(graphdef, state)
+    x_PLE, deepstack = thinker.embed(prompt_PL, p, **media, image_grid_thw=image_grid_thw,
+                                     video_grid_thw=video_grid_thw)
+    out = thinker.text.hidden(None, pmask_PL, p.positions_3BT, KVCache.init(thinker.cfg.text, prompt_PL.shape[0],
+                                                                            cache_len),
+                              embeds_BTE=x_PLE, deepstack=deepstack)
+    start_P = pmask_PL.sum(axis=1, dtype=jnp.int32) + p.rope_deltas_B1[:, 0]
+    return _decode(thinker.text, out, start_P, prompt_PL, pmask_PL, budget_N, rng, temperature, top_p, pad_id,
+                   num_samples=num_samples, max_new=max_new, greedy=greedy, top_k=top_k, use_top_p=use_top_p,
+                   eos_ids=eos_ids, vocab_limit=vocab_limit)

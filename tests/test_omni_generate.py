@@ -1,0 +1,81 @@
+"""The sampler on multimodal prompts: the Omni thinker's greedy generation against transformers' generate on a
+left-padded batch of an image prompt and an audio prompt, and the log-probs against a teacher-forced forward."""
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from safetensors.numpy import load_file
+
+from tests.test_omni import (
+    G1,
+    PAD,
+    audio,
+    forward,
+    inputs,
+    random_thinker,
+    text,
+    vision,
+)
+from zenjax.models.omni import OmniConfig, OmniThinker, from_hf
+from zenjax.sampling import sample_multimodal
+
+NEW = 6
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    ref = random_thinker()
+    path = tmp_path_factory.mktemp("thinker")
+    ref.save_pretrained(path)
+    cfg = OmniConfig.from_hf(path, dtype="float32")
+    model = nnx.eval_shape(lambda: OmniThinker(cfg, rngs=nnx.Rngs(0)))
+    nnx.update(model, from_hf(cfg, load_file(str(path / "model.safetensors")), prefix=""))
+    return ref, model
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rows = [text(3) + vision(G1) + text(4), text(2) + audio(150) + text(3)]
+    return rows, inputs(rows, images=[G1], audios=[150])
+
+
+def _media(kw):
+    return {k: kw[k] for k in ("pixel_values", "image_grid_thw", "input_features", "feature_lens")}
+
+
+def _teacher_forced(model, out, kw, G):
+    """The log-probs of the completions from one forward pass over prompt + completion, the whole sequence's
+    placement: rows [p0 s0..s(G-1), p1 ...], so each medium repeats G times, in order."""
+    tokens = np.asarray(out.tokens)
+    ids = np.concatenate([np.asarray(out.prompt_tokens), tokens], 1)
+    mask = np.concatenate([np.asarray(out.prompt_mask), np.asarray(out.mask)], 1)
+    media = {"pixel_values": np.concatenate([kw["pixel_values"]] * G), "image_grid_thw": list(kw["image_grid_thw"]) * G,
+             "input_features": np.concatenate([kw["input_features"]] * G, axis=1),
+             "feature_lens": list(kw["feature_lens"]) * G}
+    logits, _ = forward(model, ids, mask, media)
+    logp_NMV = np.asarray(jax.nn.log_softmax(logits[:, out.prompt_tokens.shape[1] - 1:-1], axis=-1))
+    return np.where(np.asarray(out.mask), np.take_along_axis(logp_NMV, tokens[..., None], -1)[..., 0], 0.0)
+
+
+def test_greedy_equals_transformers_generate(models, batch):
+    ref, model = models
+    rows, (ids, mask, kw, hf_kw) = batch
+    with torch.no_grad():
+        want = ref.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask, dtype=torch.long), **hf_kw,
+                            do_sample=False, max_new_tokens=NEW, pad_token_id=PAD, eos_token_id=None,
+                            use_audio_in_video=False)[:, ids.shape[1]:].numpy()
+    out = sample_multimodal(model, rows, _media(kw), max_new_tokens=NEW, rng=None, greedy=True, pad_id=PAD)
+    assert out.tokens.shape == (2, NEW) and np.asarray(out.mask).all()
+    np.testing.assert_array_equal(np.asarray(out.tokens), want)
+    np.testing.assert_allclose(np.asarray(out.logprobs), _teacher_forced(model, out, kw, 1), atol=1e-4)
+
+
+def test_samples_share_the_prefill_and_their_logprobs_are_the_models(models, batch):
+    _, model = models
+    rows, (_, _, kw, _) = batch
+    out = sample_multimodal(model, rows, _media(kw), num_samples=2, max_new_tokens=NEW, rng=jax.random.key(1),
+                            pad_id=PAD)
+    tokens = np.asarray(out.tokens)
+    assert tokens.shape == (4, NEW) and not np.array_equal(tokens[0::2], tokens[1::2])  # distinct samples
+    np.testing.assert_allclose(np.asarray(out.logprobs), _teacher_forced(model, out, kw, 2), atol=1e-4)
