@@ -21,6 +21,7 @@ from zenjax.models.omni import OmniConfig, OmniThinker, from_hf
 from zenjax.sampling import sample_multimodal
 
 NEW = 6
+TEXT = 280  # ids below the special tokens: a completion holding a placeholder id would be media to the forward
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +65,10 @@ def test_greedy_equals_transformers_generate(models, batch):
     with torch.no_grad():
         want = ref.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask, dtype=torch.long), **hf_kw,
                             do_sample=False, max_new_tokens=NEW, pad_token_id=PAD, eos_token_id=None,
-                            use_audio_in_video=False)[:, ids.shape[1]:].numpy()
-    out = sample_multimodal(model, rows, _media(kw), max_new_tokens=NEW, rng=None, greedy=True, pad_id=PAD)
+                            use_audio_in_video=False,
+                            suppress_tokens=list(range(TEXT, 300)))[:, ids.shape[1]:].numpy()
+    out = sample_multimodal(model, rows, _media(kw), max_new_tokens=NEW, rng=None, greedy=True, pad_id=PAD,
+                            vocab_limit=TEXT)
     assert out.tokens.shape == (2, NEW) and np.asarray(out.mask).all()
     np.testing.assert_array_equal(np.asarray(out.tokens), want)
     np.testing.assert_allclose(np.asarray(out.logprobs), _teacher_forced(model, out, kw, 1), atol=1e-4)
@@ -75,7 +78,7 @@ def test_samples_share_the_prefill_and_their_logprobs_are_the_models(models, bat
     _, model = models
     rows, (_, _, kw, _) = batch
     out = sample_multimodal(model, rows, _media(kw), num_samples=2, max_new_tokens=NEW, rng=jax.random.key(1),
-                            pad_id=PAD)
+                            pad_id=PAD, vocab_limit=TEXT)
     tokens = np.asarray(out.tokens)
     assert tokens.shape == (4, NEW) and not np.array_equal(tokens[0::2], tokens[1::2])  # distinct samples
     np.testing.assert_allclose(np.asarray(out.logprobs), _teacher_forced(model, out, kw, 2), atol=1e-4)
