@@ -74,13 +74,13 @@ def _current_mesh():
 
 def platform(mesh: Mesh | None = None) -> str:
     """The platform of the devices a computation runs on: those of `mesh`, else of the mesh set by `jax.set_mesh`
-    (a compile-only TPU mesh on a CPU host is TPU), else the default backend's."""
+    (a compile-only TPU mesh on a CPU host is TPU), else of the default device, where an unsharded one runs."""
     if mesh is None:
         mesh = jax.sharding.get_abstract_mesh()
     if isinstance(mesh, Mesh):
         return mesh.devices.flat[0].platform
     device = getattr(mesh, "abstract_device", None)
-    return device.platform if device is not None else jax.default_backend()
+    return (device if device is not None else jax.devices()[0]).platform
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None], rules: Mapping[str, Any]) -> jax.Array:
