@@ -8,12 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 
 from configs import base
 from zenjax import sharding
 from zenjax.config import model_config_from, validate
 from zenjax.models import Qwen3, Qwen3Config
+from zenjax.models.hf import is_omni, text_config
 from zenjax.plan import abstract_train_state, count_params, device_bytes, plan
 from zenjax.tokenizer import CharTokenizer
 
@@ -86,7 +88,6 @@ def test_qwen3_30b_a3b_counts():
 
 @pytest.mark.parametrize("name,shape,target_total,target_active", [
     ("coder", dict(L=36, E=2048, H=32, K=8, f=384), 7e9, 2e9),
-    ("omni", dict(L=38, E=3072, H=48, K=4, f=512), 14e9, 4e9),
     ("next", dict(L=46, E=4096, H=64, K=4, f=768), 32e9, 8e9),
 ])
 def test_zen_moe_sizes(name, shape, target_total, target_active):
@@ -99,6 +100,28 @@ def test_zen_moe_sizes(name, shape, target_total, target_active):
     n = count_params(model_config_from(c.model))
     assert (n.total, n.active) == (total, active)
     assert abs(total / target_total - 1) < 0.05 and abs(active / target_active - 1) < 0.10
+
+
+def test_omni_is_a_thinker_as_transformers_counts_it():
+    """14B total with both encoders, 4B active per text token: transformers' thinker built from our config on the
+    meta device has exactly our parameters, tower by tower; the decoder's are the hand count."""
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (  # noqa: PLC0415
+        Qwen3OmniMoeThinkerConfig,
+    )
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (  # noqa: PLC0415
+        Qwen3OmniMoeThinkerForConditionalGeneration,
+    )
+
+    cfg = model_config_from(load("omni").model)
+    n = count_params(cfg)
+    with torch.device("meta"):
+        ref = Qwen3OmniMoeThinkerForConditionalGeneration(Qwen3OmniMoeThinkerConfig(**cfg.to_hf()))
+    tower = lambda prefix: sum(p.numel() for k, p in ref.named_parameters() if k.startswith(prefix))  # noqa: E731
+    assert (n.total, n.vision, n.audio) == (sum(p.numel() for p in ref.parameters()), tower("model.visual."),
+                                            tower("model.audio_tower."))
+    total, active = hand_count(39, 3072, 48, 4, 128, tied=False, X=56, k=8, f=512)
+    assert (n.total - n.vision - n.audio, n.active) == (total, active)
+    assert abs(n.total / 14e9 - 1) < 0.01 and abs(n.active / 4e9 - 1) < 0.01
 
 
 def test_model_section_mirrors_the_dataclass():
@@ -148,6 +171,11 @@ def test_full_config_builds_a_sharded_abstract_train_state_on_8_devices(name):
     assert len(jax.live_arrays()) == live  # nothing was allocated
     for leaf in jax.tree.leaves((params, opt_state)):
         assert isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding.mesh == mesh
+    all_params = params
+    if is_omni(cfg):  # the encoders' widths are split over fsdp too; below, the decoder's share by hand
+        vis = params["visual"]["blocks"]["fc1"]["kernel"]
+        assert vis.sharding.shard_shape(vis.shape) == (27, 1152 // mesh.shape["fsdp"], 4304)
+        cfg, params = cfg.text, params["text"]
     fsdp, ep = mesh.shape["fsdp"], mesh.shape["expert"]
     E = cfg.hidden_size
     assert params["embed"].sharding.shard_shape((V, E)) == (V, E // fsdp)
@@ -158,7 +186,7 @@ def test_full_config_builds_a_sharded_abstract_train_state_on_8_devices(name):
         assert gate.sharding.shard_shape(shape) == (shape[0], shape[1] // ep, E // fsdp, shape[3])
     assert device_bytes(params) == 4 * _expected_device_params(cfg, mesh)
     # AdamW keeps mu and nu sharded like the params (plus a few replicated step counters).
-    assert 0 <= device_bytes(opt_state) - 2 * device_bytes(params) <= 64
+    assert 0 <= device_bytes(opt_state) - 2 * device_bytes(all_params) <= 64
 
 
 # The slice each config's docstring says it fits (v5p chips).
@@ -183,7 +211,7 @@ def test_tiny_config_validates_and_runs_a_forward(name):
     full, c = load(name), load(name, "tiny")
     for devices in (1, 8):
         validate(c, num_devices=devices, num_processes=1)
-    cfg = model_config_from(c.model)
+    cfg = text_config(model_config_from(c.model))  # an Omni thinker's decoder: its media, in test_train
     assert (cfg.num_experts > 0) == (full.model.num_experts > 0)  # same family
     assert cfg.tie_embeddings == full.model.tie_embeddings and cfg.norm_topk_prob == full.model.norm_topk_prob
     assert c.tokenizer == "char" and cfg.vocab_size >= CharTokenizer().vocab_size

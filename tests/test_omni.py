@@ -10,9 +10,9 @@ from safetensors.numpy import load_file
 from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeThinkerConfig
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerForConditionalGeneration
 
-from zenjax.models import KVCache
+from zenjax.models import KVCache, sequence_logprobs
 from zenjax.models.audio import output_lengths
-from zenjax.models.omni import OmniConfig, OmniThinker, from_hf, placement, to_hf
+from zenjax.models.omni import OmniConfig, OmniThinker, RowLayout, from_hf, placement, row_media, to_hf
 
 IMAGE, VIDEO, AUDIO, V_START, V_END, A_START, A_END, PAD = range(290, 298)
 # Three decoder layers and two deepstack taps: the decoder's scan is split after layer 1. mrope_section sums to
@@ -205,3 +205,34 @@ def test_config_round_trips_through_transformers(hf, ours):
     text.update(rope_scaling={"mrope_section": [2, 3, 3], "interleaved": True, "mrope_interleaved": True,
                               "rope_type": "default"}, rope_theta=theta, num_local_experts=text.pop("num_experts"))
     assert OmniConfig.from_hf(hub) == cfg
+
+
+def test_training_rows_match_transformers(hf, ours):
+    """The trainer's way: left-padded prompts with one image and one audio each (one layout for every row), then
+    completions with padding after their ends; log-probs of every valid target equal HF's on each row alone."""
+    layout = RowLayout(image_grids=(tuple(G2),), audio_frames=(77,))
+    prompts = [text(n) + vision(G2) + text(2) + audio(77) + text(1) for n in (3, 1, 4)]
+    completions = [text(5), text(2), text(4)]
+    ids_PL, mask_PL = left_pad(prompts)
+    P, L, M = *ids_PL.shape, 5
+    ids = np.full((P, L + M), PAD)
+    ids[:, :L] = ids_PL
+    mask = np.concatenate([mask_PL, np.zeros((P, M), bool)], 1)
+    for b, c in enumerate(completions):
+        ids[b, L:L + len(c)], mask[b, L:L + len(c)] = c, True
+    pixels = RNG.standard_normal((P, 2 * 4, 96)).astype(np.float32)  # [1, 2, 4] patches of 96 values per image
+    feats = RNG.standard_normal((P, 16, 77)).astype(np.float32)
+    media = row_media(ours.cfg, ids_PL, mask_PL, layout, pixels, feats)
+    got = jax.jit(lambda m, ids, mask, media: sequence_logprobs(m, ids, mask, media=media, layout=layout)[0])(
+        ours, ids, mask, media)
+    for b in range(P):
+        row = ids[b][mask[b]]
+        with torch.no_grad():
+            # HF computes multimodal positions only when given an attention mask.
+            logits = hf[0](input_ids=torch.tensor(row[None]), attention_mask=torch.ones((1, len(row)), dtype=torch.long),
+                           pixel_values=torch.tensor(pixels[b]),
+                           image_grid_thw=torch.tensor([G2]), input_features=torch.tensor(feats[b][None]),
+                           feature_attention_mask=torch.ones((1, 77), dtype=torch.long)).logits[0]
+        want = torch.log_softmax(logits[:-1].double(), -1).gather(1, torch.tensor(row[1:])[:, None])[:, 0].numpy()
+        # float32 log-probs of order one through both encoders and three MoE layers: ~1e-6 relative apart.
+        np.testing.assert_allclose(np.asarray(got)[b][mask[b, 1:] & mask[b, :-1]], want, atol=1e-4, rtol=1e-4)

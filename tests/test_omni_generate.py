@@ -1,5 +1,6 @@
-"""The sampler on multimodal prompts: the Omni thinker's greedy generation against transformers' generate on a
-left-padded batch of an image prompt and an audio prompt, and the log-probs against a teacher-forced forward."""
+"""The samplers on multimodal prompts: the Omni thinker's greedy generation against transformers' generate on a
+left-padded batch of an image prompt and an audio prompt (the static sampler) and of prompts with one image and one
+audio each (the continuous engine, the rollout's layout), and the log-probs against a teacher-forced forward."""
 import jax
 import numpy as np
 import pytest
@@ -9,15 +10,18 @@ from safetensors.numpy import load_file
 
 from tests.test_omni import (
     G1,
+    G2,
     PAD,
     audio,
     forward,
     inputs,
+    left_pad,
     random_thinker,
     text,
     vision,
 )
-from zenjax.models.omni import OmniConfig, OmniThinker, from_hf
+from zenjax import engine
+from zenjax.models.omni import OmniConfig, OmniThinker, RowLayout, from_hf, row_media
 from zenjax.sampling import sample_multimodal
 
 NEW = 6
@@ -82,3 +86,23 @@ def test_samples_share_the_prefill_and_their_logprobs_are_the_models(models, bat
     tokens = np.asarray(out.tokens)
     assert tokens.shape == (4, NEW) and not np.array_equal(tokens[0::2], tokens[1::2])  # distinct samples
     np.testing.assert_allclose(np.asarray(out.logprobs), _teacher_forced(model, out, kw, 2), atol=1e-4)
+
+
+def test_engine_with_media_equals_transformers_generate(models):
+    """Three prompts of the rollout layout (one image, one audio each) through 2 slots, 2 samples each: every
+    refill prefills its prompts' media, and each greedy sample equals HF's generation for its prompt."""
+    ref, model = models
+    rows = [text(n) + vision(G2) + text(2) + audio(77) + text(1) for n in (3, 1, 4)]
+    ids, mask, kw, hf_kw = inputs(rows, images=[G2] * 3, audios=[77] * 3)
+    with torch.no_grad():
+        want = ref.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask, dtype=torch.long), **hf_kw,
+                            do_sample=False, max_new_tokens=NEW, pad_token_id=PAD, eos_token_id=None,
+                            use_audio_in_video=False,
+                            suppress_tokens=list(range(TEXT, 300)))[:, ids.shape[1]:].numpy()
+    layout = RowLayout(image_grids=(tuple(G2),), audio_frames=(77,))
+    media = row_media(model.cfg, *left_pad(rows), layout, kw["pixel_values"].reshape(3, 8, -1),
+                      kw["input_features"].reshape(16, 3, 77).transpose(1, 0, 2))
+    out, stats = engine.sample(model, rows, slots=2, num_samples=2, max_new_tokens=NEW, rng=None, greedy=True,
+                               pad_id=PAD, prompt_len=ids.shape[1], vocab_limit=TEXT, media=media, layout=layout)
+    assert int(stats["refills"]) == 6 and np.asarray(out.mask).all()
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.repeat(want, 2, axis=0))

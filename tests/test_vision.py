@@ -39,8 +39,10 @@ def ours(hf_tower):
     return cfg, model
 
 
-@pytest.mark.parametrize("grid", [[[1, 6, 8]], [[1, 2, 6], [1, 8, 4]], [[2, 4, 6]]],
-                         ids=["one_image", "two_images", "video_t2"])
+# Attention runs on frames padded to the largest: same_size_plus_one pads three of four, the odd one mid-batch.
+@pytest.mark.parametrize("grid", [[[1, 6, 8]], [[1, 2, 6], [1, 8, 4]], [[2, 4, 6]],
+                                  [[1, 4, 4], [1, 4, 4], [1, 6, 4], [1, 4, 4]]],
+                         ids=["one_image", "two_images", "video_t2", "same_size_plus_one"])
 def test_matches_transformers(hf_tower, ours, grid):
     _, ref, _ = hf_tower
     cfg, model = ours

@@ -10,24 +10,46 @@ import ml_collections
 
 from zenjax import sharding
 from zenjax.models import Qwen3Config
+from zenjax.models.audio import AudioConfig
+from zenjax.models.hf import ModelConfig, text_config
+from zenjax.models.mrope import MRopeConfig
+from zenjax.models.omni import OmniConfig
+from zenjax.models.qwen3 import read_hf_config
+from zenjax.models.vision import VisionConfig
 from zenjax.rl import losses, rewards
 
 # How to run the model rather than what it is: these override an HF config.json.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "moe_impl", "router_aux_loss_coef", "router_z_loss_coef",
                   "balance_global_batch", "kernels")
+OMNI_FIELDS = ("vision", "audio", "media_tokens")  # config.model's towers and token ids of an Omni thinker
 BATCH_AXES = ("data", "fsdp", "expert")  # mesh axes that split the batch (sharding.TRAINING["batch"])
 
 
-def model_config_from(m: ml_collections.ConfigDict) -> Qwen3Config:
-    """`config.model` as a Qwen3Config; with `hf_config` set, the architecture comes from that config.json."""
+def model_config_from(m: ml_collections.ConfigDict) -> ModelConfig:
+    """`config.model` as a Qwen3Config, or an OmniConfig when it has `vision` / `audio` towers; with `hf_config`
+    set, the architecture comes from that config.json (a Qwen3 / Qwen3-MoE one, or a Qwen3-Omni thinker's)."""
     fields = m.to_dict()
     hf_config = fields.pop("hf_config", "")
+    towers = {k: fields.pop(k) for k in OMNI_FIELDS if k in fields}
     unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(Qwen3Config)})
     if unknown:
         raise ValueError(f"config.model has fields Qwen3Config does not know: {unknown}")
+    runtime = {k: fields[k] for k in RUNTIME_FIELDS if k in fields}
     if hf_config:
-        return Qwen3Config.from_hf(hf_config, **{k: fields[k] for k in RUNTIME_FIELDS if k in fields})
-    return Qwen3Config(**fields)
+        if read_hf_config(hf_config).get("model_type", "").startswith("qwen3_omni"):
+            return OmniConfig.from_hf(hf_config, **runtime)
+        return Qwen3Config.from_hf(hf_config, **runtime)
+    if not towers:
+        return Qwen3Config(**fields)
+    if set(towers) != set(OMNI_FIELDS):
+        raise ValueError(f"config.model: an Omni thinker needs all of {list(OMNI_FIELDS)}, got {sorted(towers)}")
+    ids = dict(towers["media_tokens"])
+    ends = {k: ids.pop(k) for k in ("vision_end_token_id", "audio_end_token_id") if k in ids}
+    dtypes = {k: fields[k] for k in ("dtype", "param_dtype") if k in fields}
+    vision = VisionConfig(**{**towers["vision"], **dtypes})
+    audio = AudioConfig(**{**towers["audio"], **dtypes})
+    mrope = MRopeConfig(**ids, spatial_merge_size=vision.spatial_merge_size, n_window=audio.n_window)
+    return OmniConfig(Qwen3Config(**fields), vision, audio, mrope, **ends)
 
 
 def logprob_rows(rl: ml_collections.ConfigDict) -> int:
@@ -55,7 +77,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     n = jax.device_count() if num_devices is None else num_devices
     procs = jax.process_count() if num_processes is None else num_processes
     sizes = mesh_sizes(config.mesh, n)
-    cfg = model_config_from(config.model)
+    cfg = text_config(model_config_from(config.model))
     rl = config.rl
     errors = []
 

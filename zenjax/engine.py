@@ -16,6 +16,9 @@ are the ones its devices hold of the output, so a placement never moves keys bet
 prompt share one prefill: each shard prefills its next S / (n G) prompts at once (enough to fill its slots) into a
 buffer from which each sample's placement copies its prompt into a slot. Rows come back in the static sampler's
 order [p0 s0..s(G-1), p1 ...], with its masks and raw-model log-probs (`sampling.SampleOutput`).
+
+An Omni thinker's prompts carry their media (`omni.RowMedia`, one layout for every prompt): a prefill runs the
+encoders on its prompts' media, and their samples decode on from the text index + rope delta.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from flax import nnx
 from jax.experimental.layout import Layout, with_layout_constraint
 
 from zenjax import sampling
+from zenjax.models.omni import RowLayout, RowMedia
 from zenjax.models.qwen3 import KVCache, LayerCache, Qwen3
 from zenjax.sharding import axis_size, constrain
 
@@ -45,6 +49,7 @@ class Prefill(NamedTuple):
     layers: tuple  # n x R prompts' keys/values (shard after shard), laid out as the cache (stacked or per layer)
     valid_BL: jax.Array  # bool real prompt tokens
     logits_BV: jax.Array  # float32 logits of each prompt's first new token
+    start_B: jax.Array  # int32 position of that token
 
 
 class Carry(NamedTuple):
@@ -60,28 +65,30 @@ class Carry(NamedTuple):
 def sample(model: Qwen3, prompts: Sequence[Sequence[int]], *, slots: int, num_samples: int = 1, max_new_tokens: int,
            rng: jax.Array | None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            eos_ids: Sequence[int] = (), pad_id: int = 0, greedy: bool = False, prompt_len: int | None = None,
-           vocab_limit: int | None = None,
-           budgets: Sequence[int] | None = None) -> tuple[sampling.SampleOutput, dict[str, jax.Array]]:
+           vocab_limit: int | None = None, budgets: Sequence[int] | None = None, media: RowMedia | None = None,
+           layout: RowLayout | None = None) -> tuple[sampling.SampleOutput, dict[str, jax.Array]]:
     """`sampling.sample`'s completions decoded through `slots` decode slots, and the engine's counters:
     decode_steps, slot_tokens (tokens the decode steps produced for real sequences: occupancy is
-    slot_tokens / (decode_steps * slots)), refills (sequences placed into a slot) and prefills."""
+    slot_tokens / (decode_steps * slots)), refills (sequences placed into a slot) and prefills. An Omni thinker
+    takes `media` of the prompts as the sampler pads them (to `prompt_len`) and their `layout`."""
     if slots < 1:
         raise ValueError(f"engine: slots={slots} must be >= 1")
-    req = sampling.prepare(model.cfg, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens, rng=rng,
+    req = sampling.prepare(model.cfg if media is None else model.cfg.text, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens, rng=rng,
                            temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=eos_ids, pad_id=pad_id,
                            greedy=greedy, prompt_len=prompt_len, cache_len=None, vocab_limit=vocab_limit,
                            budgets=budgets)
     static = {k: v for k, v in req.static.items() if k != "cache_len"}
     graphdef, state = nnx.split(model)
-    return _run(graphdef, state, req.prompt_PL, req.pmask_PL, req.budget_N, req.rng, *req.traced, slots=slots,
-                **static)
+    return _run(graphdef, state, req.prompt_PL, req.pmask_PL, media, req.budget_N, req.rng, *req.traced, slots=slots,
+                layout=layout, **static)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "slots", "num_samples", "max_new", "greedy", "top_k",
-                                             "use_top_p", "eos_ids", "vocab_limit"))
-def _run(graphdef, state, prompt_PL, pmask_PL, budget_N, rng, temperature, top_p, pad_id, *, slots, num_samples,
-         max_new, greedy, top_k, use_top_p, eos_ids, vocab_limit):
-    model = nnx.merge(graphdef, state)
+@functools.partial(jax.jit, static_argnames=("graphdef", "slots", "layout", "num_samples", "max_new", "greedy",
+                                             "top_k", "use_top_p", "eos_ids", "vocab_limit"))
+def _run(graphdef, state, prompt_PL, pmask_PL, media, budget_N, rng, temperature, top_p, pad_id, *, slots, layout,
+         num_samples, max_new, greedy, top_k, use_top_p, eos_ids, vocab_limit):
+    thinker = nnx.merge(graphdef, state)
+    model = thinker if media is None else thinker.text  # the decoder
     cfg = model.cfg
     P, Lp = prompt_PL.shape
     G, S = num_samples, slots
@@ -110,13 +117,21 @@ def _run(graphdef, state, prompt_PL, pmask_PL, budget_N, rng, temperature, top_p
     def prefill(start_n):
         """Each shard's prompts [start, start + R) of its own, all at once."""
         rows = (shard_n[:, None] * P_l + start_n[:, None] + jnp.arange(R)).reshape(-1)
-        out = model.hidden(prompt_PL[rows], pmask_PL[rows], cache=KVCache.init(cfg, n * R, Lp))
+        empty = KVCache.init(cfg, n * R, Lp)
+        if media is None:
+            out = model.hidden(prompt_PL[rows], pmask_PL[rows], cache=empty)
+        else:
+            out = thinker.hidden_rows(prompt_PL[rows], pmask_PL[rows], jax.tree.map(lambda a: a[rows], media), layout,
+                                      cache=empty)
         kv = out.cache.unstack() if unstack else out.cache
         # Laid out as the cache it is copied into (row-major): XLA would otherwise give the refill loop's cache the
         # prefill's layout and convert the whole cache between it and the decode loop's at every refill.
         row_major = lambda a: with_layout_constraint(a, Layout(tuple(range(a.ndim))))  # noqa: E731
         layers = tuple(LayerCache(row_major(c.k), row_major(c.v)) for c in kv.layers)
-        return Prefill(layers, kv.valid_BS, model.logits(out.hidden_BTE[:, -1:])[:, 0])
+        start_B = jnp.sum(kv.valid_BS, axis=1, dtype=jnp.int32)  # a prompt's first new token's position
+        if media is not None:
+            start_B = start_B + media.deltas_B[rows].astype(jnp.int32)
+        return Prefill(layers, kv.valid_BS, model.logits(out.hidden_BTE[:, -1:])[:, 0], start_B)
 
     def by_shard(x, axis):
         """[.., n * m, ..] -> [.., n, m, ..]: a shard's rows side by side, as its devices hold them."""
@@ -169,7 +184,7 @@ def _run(graphdef, state, prompt_PL, pmask_PL, budget_N, rng, temperature, top_p
             s = c.slots
             slots = Slots(*(a.at[at].set(v, mode="drop") for a, v in (
                 (s.seq_S, seq_n), (s.t_S, jnp.ones_like(seq_n)),
-                (s.pos_S, jnp.sum(buffer.valid_BL[r_n], axis=1, dtype=jnp.int32)), (s.tok_S, tok_n),
+                (s.pos_S, buffer.start_B[r_n]), (s.tok_S, tok_n),
                 (s.live_S, ~done_n))))
             stats = {**c.stats, "prefills": c.stats["prefills"] + jnp.any(need_n),
                      "refills": c.stats["refills"] + jnp.sum(can_n, dtype=jnp.int32)}
@@ -183,7 +198,10 @@ def _run(graphdef, state, prompt_PL, pmask_PL, budget_N, rng, temperature, top_p
     def step(c):
         """One decode step of every slot; tokens of slots without a running sequence are discarded."""
         s = c.slots
-        out = model.hidden(s.tok_S[:, None], positions_BT=s.pos_S[:, None], cache=c.cache, layers=layers)
+        pos_S1 = s.pos_S[:, None]
+        if cfg.mrope_section:  # time, row and column positions agree after the prompt
+            pos_S1 = jnp.broadcast_to(pos_S1, (3, *pos_S1.shape))
+        out = model.hidden(s.tok_S[:, None], positions_BT=pos_S1, cache=c.cache, layers=layers)
         tok_S, logp_S = pick(model.logits(out.hidden_BTE)[:, 0], jax.random.fold_in(rng_decode, c.stats["decode_steps"]))
         recorded = record(c.out, jnp.where(s.live_S, s.seq_S, N), s.t_S, tok_S, logp_S)
         done_S = jnp.isin(tok_S, eos) | (s.t_S + 1 >= budget_N[s.seq_S])

@@ -10,9 +10,13 @@ The same numbers as transformers' `Qwen3OmniMoeProcessor` without transformers a
   log-mel of a centred 400-point periodic-Hann STFT every 160 samples, log10 clamped at 1e-10, at most 8 below the
   maximum, (x + 4) / 4.
 - placeholders: the one pad token per item the chat template emits, repeated to that item's encoder token count.
+
+`PromptMedia` prepares the prompts of a training run: every prompt's media get one shape (`omni.RowLayout`), so
+that the rollout and training functions compile once.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -21,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from zenjax.models.audio import output_lengths
+from zenjax.models.omni import OmniConfig, RowLayout
 
 SAMPLING_RATE = 16000
 
@@ -53,7 +58,7 @@ def smart_resize(height: int, width: int, factor: int = 32, min_pixels: int = 31
     return h, w
 
 
-def _rgb_HWC(image) -> np.ndarray:
+def rgb_HWC(image) -> np.ndarray:
     """An RGB uint8 [H, W, 3] array; transparency is composited onto white as HF's convert_to_rgb does."""
     if isinstance(image, Image.Image):
         if "A" in image.getbands() or image.info.get("transparency") is not None:
@@ -73,7 +78,7 @@ def _rgb_HWC(image) -> np.ndarray:
 
 def _patches(frames, patch_size, merge_size, temporal_patch_size, min_pixels, max_pixels, mean, std):
     """One item's frames (one for an image) -> its patch rows [t*h*w, C*T*P*P] and grid (t, h, w)."""
-    frames_HWC = [_rgb_HWC(f) for f in frames]
+    frames_HWC = [rgb_HWC(f) for f in frames]
     if not frames_HWC or len({f.shape for f in frames_HWC}) > 1:
         raise ValueError(f"frames of shapes {sorted({f.shape for f in frames_HWC})}: expected one or more of one size")
     H, W, C = frames_HWC[0].shape
@@ -190,3 +195,54 @@ def expand_placeholders(ids: Sequence[int], *, image_pad_id: int | None = None, 
     for tok in ids:
         out.extend([tok] * next(counts[tok]) if tok in counts else [tok])
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptMedia:
+    """A run's media per prompt: `images` of `image_size` x `image_size` pixels (others are resized, PIL bicubic)
+    and `audios` of `audio_seconds` (others are cut or zero-padded), so that every prompt has the same placeholder
+    counts and encoder inputs. Calling it on a data item gives its prompt ids, with the placeholders after the
+    user turn's start, and its encoder inputs: "pixels" [N, patch values], "features" [mel, frames]."""
+    cfg: OmniConfig
+    images: int = 0  # per prompt
+    audios: int = 0
+    image_size: int = 64
+    audio_seconds: float = 1.0
+
+    @property
+    def audio_samples(self) -> int:
+        return max(round(self.audio_seconds * SAMPLING_RATE / 160), 3) * 160  # whole 10 ms hops
+
+    @property
+    def layout(self) -> RowLayout:
+        v, side = self.cfg.vision, self.image_size // self.cfg.vision.patch_size
+        if self.images and self.image_size % (v.patch_size * v.spatial_merge_size):
+            raise ValueError(f"data.image_size={self.image_size} must be a multiple of patch_size * "
+                             f"spatial_merge_size = {v.patch_size * v.spatial_merge_size}")
+        return RowLayout(((1, side, side),) * self.images, (self.audio_samples // 160,) * self.audios)
+
+    def __call__(self, item: dict, tokenizer) -> dict:
+        cfg, m, layout = self.cfg, self.cfg.mrope, self.layout
+        images, audios = item.get("images", []), item.get("audios", [])
+        if (len(images), len(audios)) != (self.images, self.audios):
+            raise ValueError(f"prompt {item['id']!r} has {len(images)} images and {len(audios)} audios, but this "
+                             f"run's prompts have {self.images} and {self.audios} (one media layout per run, set by "
+                             "the data's first prompt)")
+        out, ids = {}, []
+        if images:
+            S, v = self.image_size, cfg.vision
+            frames = [Image.fromarray(rgb_HWC(im)).resize((S, S), Image.Resampling.BICUBIC) for im in images]
+            vis = image_inputs(frames, patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                               temporal_patch_size=v.temporal_patch_size, min_pixels=S * S, max_pixels=S * S)
+            out["pixels"] = vis.pixel_values
+            ids += [m.vision_start_token_id, m.image_token_id, cfg.vision_end_token_id] * len(images)
+        if audios:
+            n = self.audio_samples
+            clips = [np.pad(a[:n], (0, max(n - len(a), 0))).astype(np.float32) for a in audios]
+            out["features"] = audio_inputs(clips, n_mels=cfg.audio.num_mel_bins).input_features
+            ids += [m.audio_start_token_id, m.audio_token_id, cfg.audio_end_token_id] * len(audios)
+        out["prompt_ids"] = expand_placeholders(
+            tokenizer.encode_prompt(item["prompt"], ids), image_pad_id=m.image_token_id if images else None,
+            image_grid_thw=layout.image_grids, audio_pad_id=m.audio_token_id if audios else None,
+            audio_feature_lens=layout.audio_frames, merge_size=cfg.vision.spatial_merge_size)
+        return out

@@ -52,7 +52,8 @@ from jax.sharding import AbstractMesh, Mesh
 
 from zenjax import cli, sharding
 from zenjax.config import BATCH_AXES, logprob_rows, model_config_from, validate
-from zenjax.models import Qwen3, Qwen3Config, attention
+from zenjax.models import Qwen3Config, attention
+from zenjax.models.hf import ModelConfig, build, is_omni, text_config
 from zenjax.train_state import abstract_rollout_params, abstract_state, make_optimizer
 
 GB = 1e9
@@ -70,36 +71,46 @@ class ParamCount:
     experts: int  # all experts' SwiGLU weights
     experts_active: int  # k of X of them
     matmul_active: int  # N of the FLOP formula
+    vision: int = 0  # an Omni thinker's encoders: in the total, not in `active` (they run on media, not on text)
+    audio: int = 0
 
     @property
     def non_embedding(self) -> int:
         return self.total - self.embedding - self.lm_head
 
 
-def abstract_model(cfg: Qwen3Config) -> Qwen3:
-    return nnx.eval_shape(lambda: Qwen3(cfg, rngs=nnx.Rngs(0)))
+def abstract_model(cfg: ModelConfig):
+    return nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))
 
 
-def count_params(cfg: Qwen3Config) -> ParamCount:
-    """Counts from the abstract model's parameters, classified by their logical axis names."""
+def count_params(cfg: ModelConfig) -> ParamCount:
+    """Counts from the abstract model's parameters, classified by their logical axis names (and an Omni thinker's
+    by tower)."""
     state = nnx.state(abstract_model(cfg), nnx.Param)
     axes = nnx.to_pure_dict(nnx.get_partition_spec(state))
     shapes = nnx.to_pure_dict(state)
-    sums = {"embedding": 0, "lm_head": 0, "experts": 0, "norms": 0, "other": 0}
+    sums = {"embedding": 0, "lm_head": 0, "experts": 0, "norms": 0, "other": 0, "visual": 0, "audio_tower": 0}
 
     def add(path, spec, leaf):
+        if is_omni(cfg):
+            if path[0].key != "text":
+                sums[path[0].key] += math.prod(leaf.shape)
+                return
+            path = path[1:]
         top = path[0].key
         kind = ("embedding" if top == "embed" else "lm_head" if top == "lm_head"
                 else "experts" if "expert_mlp" in spec else "norms" if spec[-1] == "norm" else "other")
         sums[kind] += math.prod(leaf.shape)
 
     jax.tree_util.tree_map_with_path(add, axes, shapes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-    experts_active = sums["experts"] * cfg.num_experts_per_tok // cfg.num_experts if cfg.num_experts else 0
-    total = sum(sums.values())
+    text = text_config(cfg)
+    experts_active = sums["experts"] * text.num_experts_per_tok // text.num_experts if text.num_experts else 0
+    total, encoders = sum(sums.values()), sums["visual"] + sums["audio_tower"]
     return ParamCount(
-        total=total, active=total - sums["experts"] + experts_active, embedding=sums["embedding"],
+        total=total, active=total - encoders - sums["experts"] + experts_active, embedding=sums["embedding"],
         lm_head=sums["lm_head"], experts=sums["experts"], experts_active=experts_active,
-        matmul_active=sums["other"] + experts_active + cfg.vocab_size * cfg.hidden_size)
+        matmul_active=sums["other"] + experts_active + text.vocab_size * text.hidden_size,
+        vision=sums["visual"], audio=sums["audio_tower"])
 
 
 def train_flops_per_token(cfg: Qwen3Config, seq_len: int, counts: ParamCount | None = None) -> float:
@@ -238,7 +249,7 @@ def rollout_slots(config: ml_collections.ConfigDict, sizes: dict[str, int], fixe
     if rl.slots or hbm is None:
         return min(rl.slots or rows, rows)
     shards = math.prod(sizes[a] for a in BATCH_AXES)
-    cfg = model_config_from(config.model)
+    cfg = text_config(model_config_from(config.model))
     per_row = kv_cache_bytes(cfg, 1, config.data.max_prompt_len + rl.max_new_tokens, tensor=sizes["tensor"])
     local = int(max(HEADROOM * hbm - fixed, 0) // per_row)
     return max(shards, min(rows, local * shards) // shards * shards)
@@ -253,14 +264,14 @@ def plan(config: ml_collections.ConfigDict, num_devices: int | None = None, chip
     if num_devices is None:
         num_devices = fixed_devices(config.mesh)
     sizes = validate(config, num_devices=num_devices, num_processes=1)
-    cfg = model_config_from(config.model)
-    counts = count_params(cfg)
+    model_cfg = model_config_from(config.model)
+    cfg, counts = text_config(model_cfg), count_params(model_cfg)
     mesh = AbstractMesh(tuple(sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
     params, opt_state = abstract_train_state(config, mesh)
     rl, t, n = config.rl, sizes["tensor"], sizes["expert"]
     seq = config.data.max_prompt_len + rl.max_new_tokens
     rollout = rl.prompts_per_step * rl.group_size
-    copy = device_bytes(abstract_rollout_params(cfg, mesh)[1]) if rl.rollout_copy else 0
+    copy = device_bytes(abstract_rollout_params(model_cfg, mesh)[1]) if rl.rollout_copy else 0
     shards = math.prod(sizes[a] for a in BATCH_AXES)
     mb_local = rollout // rl.minibatches // shards
     ref = device_bytes(params) if rl.kl_coef > 0 else 0
@@ -308,6 +319,9 @@ def format_plan(p: Plan, hf_model_id: str = "") -> str:
     ]
     if cfg.num_experts:
         lines.append(f"  experts {si(c.experts)}, active {si(c.experts_active)}")
+    if c.vision or c.audio:
+        lines.append(f"  encoders: vision {si(c.vision)}, audio {si(c.audio)} (in the total; active counts a text "
+                     "token's)")
     step_tokens = p.rollout_rows * p.seq_len
     lines += [
         f"training FLOPs/token  {si(p.flops_per_token, 'FLOP')} = 6 x {si(c.matmul_active)} + 12 x "
@@ -334,6 +348,7 @@ def format_plan(p: Plan, hf_model_id: str = "") -> str:
     if p.chip:
         lines.append(f"{p.chip}: {CHIPS[p.chip]} GB per chip, peak uses {p.peak / (CHIPS[p.chip] * GB):.0%}")
     lines.append("not modelled: the sampler's prefill" + ("" if p.rollout_copy else " and gathered weights")
+                 + (", the encoders' activations" if c.vision or c.audio else "")
                  + " (python -m zenjax.compile counts every buffer)")
     lines += [f"WARNING: {w}" for w in p.warnings()]
     return "\n".join(lines)

@@ -27,8 +27,9 @@ class Tokenizer(abc.ABC):
         """Ids to text; pad ids are skipped, nothing else is cut."""
 
     @abc.abstractmethod
-    def encode_prompt(self, prompt: Prompt) -> list[int]:
-        """A prompt (text or chat messages) to the ids the model continues from."""
+    def encode_prompt(self, prompt: Prompt, media_ids: Sequence[int] = ()) -> list[int]:
+        """A prompt (text or chat messages) to the ids the model continues from; `media_ids` (special tokens: the
+        media placeholders) open the user's turn, before its text, where Qwen3-Omni's chat template puts them."""
 
 
 def _check_messages(prompt: Prompt) -> None:
@@ -68,11 +69,11 @@ class CharTokenizer(Tokenizer):
                 out.append(self.CHARS[i - 3])
         return "".join(out)
 
-    def encode_prompt(self, prompt: Prompt) -> list[int]:
+    def encode_prompt(self, prompt: Prompt, media_ids: Sequence[int] = ()) -> list[int]:
         if not isinstance(prompt, str):
             _check_messages(prompt)
             prompt = "\n".join(m["content"] for m in prompt)
-        return [self.BOS] + self.encode(prompt)
+        return [self.BOS, *media_ids] + self.encode(prompt)
 
 
 class HFTokenizer(Tokenizer):
@@ -111,15 +112,22 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids if int(i) != self.pad_id], skip_special_tokens=False)
 
-    def encode_prompt(self, prompt: Prompt) -> list[int]:
+    def encode_prompt(self, prompt: Prompt, media_ids: Sequence[int] = ()) -> list[int]:
         # A plain-text prompt becomes one user turn when there is a chat template (instruct models), and is
-        # encoded as is, with the tokenizer's own special tokens, when there is none (base models).
+        # encoded as is, with the tokenizer's own special tokens, when there is none (base models). Special tokens
+        # written out in the text encode to their ids.
+        media = "".join(self._tok.convert_ids_to_tokens([int(i) for i in media_ids]))
         if not self._tok.chat_template:
             if not isinstance(prompt, str):
                 raise ValueError("chat-message prompts need a tokenizer with a chat template; this one has none")
-            return self._tok.encode(prompt, add_special_tokens=True)
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            return self._tok.encode(media + prompt, add_special_tokens=True)
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
         _check_messages(messages)
+        if media:
+            user = next((m for m in messages if m["role"] == "user"), None)
+            if user is None:
+                raise ValueError("a prompt with images or audio needs a user message to hold them")
+            user["content"] = media + user["content"]
         text = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self._tok.encode(text, add_special_tokens=False)
 

@@ -23,8 +23,10 @@ from absl import logging as absl_logging
 from zenjax import cli, distributed, hostmem, plan, sharding
 from zenjax.checkpoint import Checkpointer, frozen_reference, install_signal_handlers
 from zenjax.config import logprob_rows, model_config_from, validate
-from zenjax.data import PromptLoader, eval_items
+from zenjax.data import PromptLoader, eval_items, load_media, make_prompt_source
+from zenjax.media import PromptMedia
 from zenjax.metrics import MetricsWriter
+from zenjax.models.hf import is_omni, text_config
 from zenjax.rl import rewards, rollout
 from zenjax.tokenizer import Tokenizer, load_tokenizer
 from zenjax.train_state import RLHyper, State, abstract_state, init_state, make_functions, make_optimizer, \
@@ -69,10 +71,10 @@ def _sft_batch(items, tokenizer):
     return tokens, mask, target
 
 
-def evaluate(policy, items, tokenizer, config, rng) -> float:
+def evaluate(policy, items, tokenizer, config, rng, layout=None) -> float:
     # A few held-out prompts, one sample each: one static batch, no slots to refill.
     out, _ = rollout.generate(policy, items, tokenizer, config.rl, rng, num_samples=1, greedy=True,
-                              prompt_len=config.data.max_prompt_len, engine_name="static")
+                              prompt_len=config.data.max_prompt_len, engine_name="static", layout=layout)
     r, _ = rewards.score(rollout.decode(tokenizer, rollout.fetch_all(out)), items, dict(config.rewards))
     return float(np.mean(r))
 
@@ -84,6 +86,11 @@ class Setup:
     tokenizer: Tokenizer
     loader: PromptLoader
     held_out: list[dict]
+    media: PromptMedia | None  # an Omni thinker's: the one shape of every prompt's media
+
+    @property
+    def layout(self):
+        return None if self.media is None else self.media.layout
 
 
 def setup(config: ml_collections.ConfigDict, num_devices: int | None = None) -> Setup:
@@ -96,7 +103,7 @@ def setup(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
             ParamsReader(loc.params_dir).check(read_config(config.init_from))
             config.model.hf_config = loc.config_path
         tokenizer = load_tokenizer(config.tokenizer)
-        cfg = model_config_from(config.model)
+        cfg = text_config(model_config_from(config.model))
         if tokenizer.vocab_size > cfg.vocab_size:
             if config.model.hf_config:
                 raise ValueError(f"tokenizer {config.tokenizer!r} has {tokenizer.vocab_size} tokens but the model "
@@ -106,14 +113,29 @@ def setup(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
         if config.rl.engine == "continuous" and not config.rl.slots:  # as many as the devices' memory holds
             stats = jax.local_devices()[0].memory_stats() or {}  # CPUs report none: then the whole batch
             config.rl.slots = plan.plan(config, num_devices or jax.device_count(), hbm=stats.get("bytes_limit")).slots
+        media, prepare = None, None
+        if is_omni(model_config_from(config.model)):
+            media = prompt_media(config)
+            prepare = lambda item: media(item, tokenizer)  # noqa: E731
         # Every process reads the whole batch (the sampler needs the same prompts everywhere) and so holds the
         # same data-iterator state, which then resumes on any number of processes. Each scores its rows.
-        loader = PromptLoader(config.data, tokenizer, batch_size=config.rl.prompts_per_step, seed=config.seed)
-        held_out = [dict(it, prompt_ids=tokenizer.encode_prompt(it["prompt"])) for it in eval_items(config.data)]
+        loader = PromptLoader(config.data, tokenizer, batch_size=config.rl.prompts_per_step, seed=config.seed,
+                              prepare=prepare)
+        prepare = prepare or (lambda item: {"prompt_ids": tokenizer.encode_prompt(item["prompt"])})
+        held_out = [dict(it, **prepare(it)) for it in eval_items(config.data)]
         held_out = [it for it in held_out if len(it["prompt_ids"]) <= config.data.max_prompt_len]  # as in training
     except (ValueError, KeyError, OSError) as e:
         raise cli.UserError(cli.message(e)) from None
-    return Setup(config, tokenizer, loader, held_out)
+    return Setup(config, tokenizer, loader, held_out, media)
+
+
+def prompt_media(config: ml_collections.ConfigDict) -> PromptMedia:
+    """The media layout of an Omni run: the data's first prompt's image and audio counts, at the data config's
+    image size and audio length."""
+    first = load_media(make_prompt_source(config.data)[0])
+    return PromptMedia(model_config_from(config.model), images=len(first.get("images", [])),
+                       audios=len(first.get("audios", [])), image_size=config.data.image_size,
+                       audio_seconds=config.data.audio_seconds)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
@@ -153,29 +175,30 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             start, meta, params = 0, {}, None
             note = f"training from scratch in {workdir}"
             if config.init_from:
-                _, params = load_weights(config.init_from, mesh=mesh, dtype=cfg.param_dtype)
+                _, params = load_weights(config.init_from, mesh=mesh, dtype=text_config(cfg).param_dtype)
                 note = f"training from the weights in {config.init_from}, in {workdir}"
             state = init_state(cfg, tx, mesh, config.seed, params)
         writer = MetricsWriter(workdir, config.steps, start, enabled=main)
         writer.log(f"{note}, on {mesh.size} {mesh.devices.flat[0].platform} device(s)")
-        logprobs_fn, update_fn = make_functions(state, cfg, tx, hyper, mesh, schedule)
+        logprobs_fn, update_fn = make_functions(state, cfg, tx, hyper, mesh, schedule, s.layout)
         # Decoding reads a compute-dtype copy in the rollout layout, or (rl.rollout_copy=False) the training state.
         policy_of = make_rollout_copy(cfg, mesh) if rl.rollout_copy else state.model
 
         if start == 0 and not meta.get("sft_done") and rl.sft_steps:
-            state = _warm_up(state, config, tokenizer, mesh, writer)
+            state = _warm_up(state, config, tokenizer, mesh, writer, s.media)
             ckpt.save(0, state.params, state.opt_state, {"data": loader.get_state(), "sft_done": True}, force=True)
 
         ref_params = frozen_reference(workdir, state.params, abs_params) if rl.kl_coef > 0 else None
 
         def old_policy(seq):
             """The passes over the rollout batch that run while the host scores it."""
-            old_logp, entropy, routing = logprobs_fn(state.params, seq["tokens"], seq["mask"])
+            old_logp, entropy, routing = logprobs_fn(state.params, seq["tokens"], seq["mask"], seq.get("media"))
             comp = seq["completion_mask"]
             out = {"old_logp": seq["sampler_logp"] if rl.old_logprobs == "sampler" else old_logp,
                    "entropy": jnp.sum(entropy * comp) / jnp.maximum(jnp.sum(comp), 1), "routing": routing}
             if ref_params is not None:
-                out["ref_logp"] = logprobs_fn(ref_params, seq["tokens"], seq["mask"], with_entropy=False)[0]
+                out["ref_logp"] = logprobs_fn(ref_params, seq["tokens"], seq["mask"], seq.get("media"),
+                                              with_entropy=False)[0]
             return out
         history, bad_in_a_row, stopping = [], 0, False
         for step in range(start, config.steps):
@@ -183,7 +206,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             items = next(loader)
             rng = jax.random.fold_in(key, step)
             batch, metrics, _ = rollout.collect(policy_of(state.params), items, tokenizer, rl, config.rewards, rng,
-                                                prompt_len=config.data.max_prompt_len, rows=rows, overlap=old_policy)
+                                                prompt_len=config.data.max_prompt_len, rows=rows, overlap=old_policy,
+                                                layout=s.layout)
             t1 = time.perf_counter()
             del batch["sampler_logp"]
             batch["adv"] = _put(batch["adv"], mesh)
@@ -212,7 +236,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                            sampled_tok_per_s=metrics["sampled_tokens"] / max(metrics["time_sampling"], 1e-9))
             if config.eval_every and (step + 1) % config.eval_every == 0:
                 metrics["eval_reward"] = evaluate(policy_of(state.params), held_out, tokenizer, config,
-                                                  jax.random.key(0))
+                                                  jax.random.key(0), s.layout)
             writer.write(step + 1, metrics)
             history.append(dict(metrics, step=step + 1))
             if bad_in_a_row >= config.optim.max_bad_steps:
@@ -236,21 +260,25 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     return history
 
 
-def _warm_up(state: State, config, tokenizer, mesh, writer) -> State:
+def _warm_up(state: State, config, tokenizer, mesh, writer, media: PromptMedia | None = None) -> State:
     """A short supervised warm-up on reference answers so a from-scratch tiny model gets non-zero rewards."""
     rl = config.rl
     sft_tx, _ = make_optimizer(ml_collections.ConfigDict(dict(config.optim, lr=rl.sft_lr, grad_accum=1)),
                                rl.sft_steps)
     sft_state = init_state(model_config_from(config.model), sft_tx, mesh, config.seed, state.params)
-    step_fn = make_sft_step(sft_state, sft_tx)
+    step_fn = make_sft_step(sft_state, sft_tx, None if media is None else media.layout)
     n = rl.prompts_per_step * rl.group_size
     # The whole batch on every process: its padded length must be the same everywhere.
-    loader = PromptLoader(config.data, tokenizer, batch_size=n, seed=config.seed + 1)
+    loader = PromptLoader(config.data, tokenizer, batch_size=n, seed=config.seed + 1,
+                          prepare=None if media is None else lambda item: media(item, tokenizer))
     rows = sharding.batch_rows(mesh, n)
     params, opt_state = sft_state.params, sft_state.opt_state
     for i in range(rl.sft_steps):
-        tokens, mask, target = _put(tuple(x[rows] for x in _sft_batch(next(loader), tokenizer)), mesh)
-        params, opt_state, loss = step_fn(params, opt_state, tokens, mask, target)
+        items = next(loader)
+        tokens, mask, target = _sft_batch(items, tokenizer)
+        rows_media = None if media is None else rollout.media_rows(media.cfg, items, media.layout, tokens, mask)
+        batch = _put(jax.tree.map(lambda x: x[rows], (tokens, mask, target, rows_media)), mesh)
+        params, opt_state, loss = step_fn(params, opt_state, *batch)
         if (i + 1) % max(rl.sft_steps // 5, 1) == 0:
             writer.log(f"warm-up {i + 1}/{rl.sft_steps}: cross-entropy {float(loss):.3f}")
     state.params = params  # the GSPO optimizer state starts fresh: warm-up moments belong to another objective

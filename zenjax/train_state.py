@@ -18,7 +18,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from zenjax import sharding
-from zenjax.models import Qwen3, Qwen3Config, sequence_logprobs
+from zenjax.models import Qwen3, sequence_logprobs
+from zenjax.models.hf import ModelConfig, build, is_omni, text_config
 from zenjax.rl import losses
 
 Params = Any
@@ -83,11 +84,11 @@ class State:
         return nnx.merge(self.graphdef, self.params if params is None else params)
 
 
-def abstract_state(cfg: Qwen3Config, tx, mesh: Mesh, seed: int = 0):
+def abstract_state(cfg: ModelConfig, tx, mesh: Mesh, seed: int = 0):
     """(graphdef, abstract params, abstract opt state, param shardings, opt shardings) without allocating."""
     # jax.eval_shape, not nnx.eval_shape: the latter turns logical names into shardings of the current mesh.
-    graphdef, abs_state = jax.eval_shape(lambda: nnx.split(Qwen3(cfg, rngs=nnx.Rngs(seed))))
-    param_sh = sharding.param_shardings(mesh, abs_state, cfg.rules)
+    graphdef, abs_state = jax.eval_shape(lambda: nnx.split(build(cfg, rngs=nnx.Rngs(seed))))
+    param_sh = sharding.param_shardings(mesh, abs_state, text_config(cfg).rules)
     abs_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               nnx.to_pure_dict(abs_state), param_sh)
     abs_opt = jax.eval_shape(tx.init, abs_params)
@@ -101,21 +102,25 @@ def abstract_state(cfg: Qwen3Config, tx, mesh: Mesh, seed: int = 0):
     return graphdef, abs_params, abs_opt, param_sh, opt_sh
 
 
-def rollout_config(cfg: Qwen3Config) -> Qwen3Config:
+def rollout_config(cfg: ModelConfig) -> ModelConfig:
     """The policy as the sampler holds it: weights in the compute dtype, placed by the rollout rules."""
+    if is_omni(cfg):  # the encoders' weights too; their placement follows the text model's rules
+        as_computed = lambda c: dataclasses.replace(c, param_dtype=c.dtype)  # noqa: E731
+        return dataclasses.replace(cfg, text=rollout_config(cfg.text), vision=as_computed(cfg.vision),
+                                   audio=as_computed(cfg.audio))
     return dataclasses.replace(cfg, param_dtype=cfg.dtype, layout="rollout")
 
 
-def abstract_rollout_params(cfg: Qwen3Config, mesh: Mesh):
+def abstract_rollout_params(cfg: ModelConfig, mesh: Mesh):
     """(graphdef, abstract params with their shardings) of the rollout copy of a `cfg` policy."""
     rcfg = rollout_config(cfg)
-    graphdef, abs_state = jax.eval_shape(lambda: nnx.split(Qwen3(rcfg, rngs=nnx.Rngs(0))))
-    shardings = sharding.param_shardings(mesh, abs_state, rcfg.rules)
+    graphdef, abs_state = jax.eval_shape(lambda: nnx.split(build(rcfg, rngs=nnx.Rngs(0))))
+    shardings = sharding.param_shardings(mesh, abs_state, text_config(rcfg).rules)
     return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   nnx.to_pure_dict(abs_state), shardings)
 
 
-def make_rollout_copy(cfg: Qwen3Config, mesh: Mesh) -> Callable[[Params], Qwen3]:
+def make_rollout_copy(cfg: ModelConfig, mesh: Mesh) -> Callable[[Params], Qwen3]:
     """`copy(params)`: the policy re-laid out for decoding, once per rollout, so that the decode loop reads local
     weights instead of all-gathering the FSDP shards at every token. Cast first: the reshard moves half the bytes."""
     graphdef, abstract = abstract_rollout_params(cfg, mesh)
@@ -124,11 +129,11 @@ def make_rollout_copy(cfg: Qwen3Config, mesh: Mesh) -> Callable[[Params], Qwen3]
     return lambda params: nnx.merge(graphdef, cast(params))
 
 
-def init_state(cfg: Qwen3Config, tx, mesh: Mesh, seed: int = 0, params: Params | None = None) -> State:
+def init_state(cfg: ModelConfig, tx, mesh: Mesh, seed: int = 0, params: Params | None = None) -> State:
     """Params and optimizer state created directly in their shardings (never whole on one device)."""
     graphdef, _, _, param_sh, opt_sh = abstract_state(cfg, tx, mesh, seed)
     if params is None:
-        params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(Qwen3(cfg, rngs=nnx.Rngs(seed)))),
+        params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build(cfg, rngs=nnx.Rngs(seed)))),
                          out_shardings=param_sh)()
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
     return State(graphdef, params, opt_state, param_sh, opt_sh)
@@ -151,7 +156,7 @@ def _moe_terms(model: Qwen3, aux, global_counts=None):
         return jnp.float32(0.0), {}
     from zenjax.models import moe  # noqa: PLC0415 - dense-only installs never need it
 
-    cfg = model.cfg
+    cfg = text_config(model.cfg)
     terms = moe.moe_losses(aux, cfg, global_aux=global_counts)
     extra = cfg.router_aux_loss_coef * terms["aux_loss"] + cfg.router_z_loss_coef * terms["z_loss"]
     stats = moe.routing_stats(aux)
@@ -160,22 +165,24 @@ def _moe_terms(model: Qwen3, aux, global_counts=None):
     return extra, metrics
 
 
-def make_functions(state: State, cfg: Qwen3Config, tx, hyper: RLHyper, mesh: Mesh, schedule: Callable):
-    """Jitted `logprobs(params, tokens, mask, with_entropy=True)` -> (log-probs, entropies or None, MoE
+def make_functions(state: State, cfg: ModelConfig, tx, hyper: RLHyper, mesh: Mesh, schedule: Callable,
+                   layout=None):
+    """Jitted `logprobs(params, tokens, mask, media=None, with_entropy=True)` -> (log-probs, entropies or None, MoE
     routing: {} for dense) and
     `update(params, opt_state, minibatch, global_counts)` (the routing's "counts", or None), with shardings
-    from the rules."""
+    from the rules. An Omni thinker's rows carry `omni.RowMedia` of the run's `layout` (batch["media"])."""
     graphdef = state.graphdef
     loss_fn = losses.get_loss(hyper.loss)
+    cfg = text_config(cfg)
 
-    def forward(params, tokens_NT, mask_NT, with_entropy=False):
+    def forward(params, tokens_NT, mask_NT, media, with_entropy=False):
         model = nnx.merge(graphdef, params)
         res, aux = sequence_logprobs(model, tokens_NT, mask_NT, chunk=hyper.chunk, with_entropy=with_entropy,
-                                     last=hyper.completion_len)
+                                     last=hyper.completion_len, media=media, layout=layout)
         return model, res, aux
 
-    def one_pass(params, tokens_NT, mask_NT, with_entropy):
-        _, res, aux = forward(params, tokens_NT, mask_NT, with_entropy=with_entropy)
+    def one_pass(params, tokens_NT, mask_NT, media, with_entropy):
+        _, res, aux = forward(params, tokens_NT, mask_NT, media, with_entropy=with_entropy)
         logp, ent = res if with_entropy else (res, None)
         if not aux:
             return logp, ent, {}
@@ -183,7 +190,7 @@ def make_functions(state: State, cfg: Qwen3Config, tx, hyper: RLHyper, mesh: Mes
         return logp, ent, {"topk": topk, "counts": {k: aux[k] for k in ("expert_counts", "tokens")}}
 
     @functools.partial(jax.jit, static_argnames="with_entropy")
-    def logprobs(params, tokens_NT, mask_NT, with_entropy=True):
+    def logprobs(params, tokens_NT, mask_NT, media=None, with_entropy=True):
         """Per-token log-probs and entropies, and for MoE the routing of the whole batch: every token's top-k
         experts ([N, L, T, k], rows first so minibatches slice them; uint8 saves memory) and the per-layer expert
         counts that global-batch balancing (`balance_global_batch`) pools over all minibatches of the step.
@@ -194,20 +201,20 @@ def make_functions(state: State, cfg: Qwen3Config, tx, hyper: RLHyper, mesh: Mes
         if N % size:
             raise ValueError(f"log-prob pass: {N} sequences are not divisible into passes of {size}")
         if size == N:
-            return one_pass(params, tokens_NT, mask_NT, with_entropy)
+            return one_pass(params, tokens_NT, mask_NT, media, with_entropy)
         m = N // size
         # Pass i takes rows i, i + m, i + 2m, ...: a strided split keeps every row on the device that holds it.
         split = lambda a: jnp.moveaxis(a.reshape(size, m, *a.shape[1:]), 1, 0)  # noqa: E731
         join = lambda a: jnp.moveaxis(a, 0, 1).reshape(N, *a.shape[2:])  # noqa: E731
         logp, ent, routing = jax.lax.map(lambda xs: one_pass(params, *xs, with_entropy),
-                                         (split(tokens_NT), split(mask_NT)))
+                                         jax.tree.map(split, (tokens_NT, mask_NT, media)))
         if routing:
             routing = {"topk": join(routing["topk"]), "counts": jax.tree.map(lambda c: c.sum(0), routing["counts"])}
         return join(logp), None if ent is None else join(ent), routing
 
     def update(params, opt_state, batch, global_counts):
         def objective(params):
-            model, logp, aux = forward(params, batch["tokens"], batch["mask"])
+            model, logp, aux = forward(params, batch["tokens"], batch["mask"], batch.get("media"))
             comp = batch["completion_mask"]
             loss, metrics = loss_fn(logp, batch["old_logp"], batch["adv"], comp, ref_logp_BT=batch.get("ref_logp"),
                                     eps_low=hyper.eps_low, eps_high=hyper.eps_high, kl_coef=hyper.kl_coef)
@@ -242,18 +249,18 @@ def make_functions(state: State, cfg: Qwen3Config, tx, hyper: RLHyper, mesh: Mes
     return logprobs, update
 
 
-def make_sft_step(state: State, tx):
+def make_sft_step(state: State, tx, layout=None):
     """Supervised warm-up: mean cross-entropy of the completion tokens (reference answers)."""
     graphdef = state.graphdef
 
-    def step(params, opt_state, tokens_NT, mask_NT, target_mask_NT):
+    def step(params, opt_state, tokens_NT, mask_NT, target_mask_NT, media=None):
         def objective(params):
-            logp, _ = sequence_logprobs(nnx.merge(graphdef, params), tokens_NT, mask_NT)
+            logp, _ = sequence_logprobs(nnx.merge(graphdef, params), tokens_NT, mask_NT, media=media, layout=layout)
             return -jnp.sum(logp * target_mask_NT) / jnp.maximum(jnp.sum(target_mask_NT), 1)
 
         loss, grads = jax.value_and_grad(objective)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    return jax.jit(step, in_shardings=(state.param_shardings, None, None, None, None),
+    return jax.jit(step, in_shardings=(state.param_shardings, None, None, None, None, None),
                    out_shardings=(state.param_shardings, None, None), donate_argnums=(0, 1))

@@ -136,6 +136,45 @@ def placement(cfg: OmniConfig, input_ids_BT, mask_BT=None, *, image_grid_thw=Non
                      None if feature_lens is None else audio_layout(cfg.audio, feature_lens))
 
 
+@dataclasses.dataclass(frozen=True)
+class RowLayout:
+    """The media every row of a training run carries, the same for each row so that batches keep one shape."""
+    image_grids: tuple[tuple[int, int, int], ...] = ()  # each image's (t, h, w) patch grid, in prompt order
+    audio_frames: tuple[int, ...] = ()  # each audio's mel frames, in prompt order
+
+
+class RowMedia(NamedTuple):
+    """Each row's media and multimodal positions, batch axis first so that minibatches slice them as they slice the
+    tokens (`row_media` builds them on the host). A modality the layout lacks is None."""
+    positions_B3L: np.ndarray  # float32 positions of the first L columns (the prompt, where the media are)
+    deltas_B: np.ndarray  # float32: a text token after them, at index i among the row's valid tokens, is at i + delta
+    image_slots_BK: np.ndarray | None  # int32 column of each image token in its row
+    pixels_BND: np.ndarray | None  # the row's images' patch rows, as VisionEncoder takes them
+    audio_slots_BK: np.ndarray | None
+    features_BMF: np.ndarray | None  # the row's audios' log-mel frames, concatenated
+
+
+def row_media(cfg: OmniConfig, ids_BL, mask_BL, layout: RowLayout, pixels_BND=None, features_BMF=None) -> RowMedia:
+    """From concrete token rows whose placeholders match `layout` in every row (host numpy)."""
+    ids_BL = np.asarray(ids_BL)
+    B, L = ids_BL.shape
+    p = placement(cfg, ids_BL, mask_BL, image_grid_thw=layout.image_grids * B or None,
+                  feature_lens=layout.audio_frames * B or None)
+
+    def per_row(slots, what):
+        if not len(slots):
+            return None
+        k = len(slots) // B
+        if len(slots) % B or not np.array_equal(slots // L, np.repeat(np.arange(B), k)):
+            raise ValueError(f"every row must hold the same number of {what} placeholders ({k})")
+        return (slots % L).reshape(B, k).astype(np.int32)
+
+    return RowMedia(p.positions_3BT.transpose(1, 0, 2), p.rope_deltas_B1[:, 0].astype(np.float32),
+                    per_row(p.image_slots, "image"), None if pixels_BND is None else np.asarray(pixels_BND, np.float32),
+                    per_row(p.audio_slots, "audio"),
+                    None if features_BMF is None else np.asarray(features_BMF, np.float32))
+
+
 class OmniThinker(nnx.Module):
     def __init__(self, cfg: OmniConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -171,6 +210,29 @@ class OmniThinker(nnx.Module):
                                       input_features=input_features)
         out = self.text.hidden(None, mask_BT, p.positions_3BT, embeds_BTE=x_BTE, deepstack=deepstack)
         return self.text.logits(out.hidden_BTE), out.aux
+
+    def hidden_rows(self, input_ids_BT, mask_BT, media: RowMedia, layout: RowLayout, cache=None):
+        """`Qwen3.hidden` of rows whose first L columns carry `media` (a prompt, left-padded or not) and whose
+        later columns are text (a completion): those continue at the text index + delta on all three rows.
+        Jittable with `layout` static; a cache makes this the sampler's prefill."""
+        B, T = input_ids_BT.shape
+        L = media.positions_B3L.shape[-1]
+        after_BM = (jnp.sum(mask_BT[:, :L], axis=1) + media.deltas_B)[:, None] + jnp.arange(T - L)
+        pos_3BT = jnp.concatenate([jnp.moveaxis(media.positions_B3L, 1, 0),
+                                   jnp.broadcast_to(after_BM.astype(jnp.float32), (3, B, T - L))], axis=-1)
+        flat = lambda s_BK: None if s_BK is None else (jnp.arange(B)[:, None] * T + s_BK).reshape(-1)  # noqa: E731
+        none = np.zeros(0, np.int32)
+        p = Placement(pos_3BT, None, flat(media.image_slots_BK), none, flat(media.audio_slots_BK),
+                      audio_layout(self.cfg.audio, layout.audio_frames * B) if layout.audio_frames else None)
+        f = media.features_BMF
+        x_BTE, deepstack = self.embed(
+            input_ids_BT, p, image_grid_thw=layout.image_grids * B or None,
+            pixel_values=None if media.pixels_BND is None else media.pixels_BND.reshape(-1, self.cfg.vision.patch_dim),
+            input_features=None if f is None else jnp.moveaxis(f, 0, 1).reshape(f.shape[1], -1))
+        return self.text.hidden(None, mask_BT, pos_3BT, cache, embeds_BTE=x_BTE, deepstack=deepstack)
+
+    def head_weight(self):
+        return self.text.head_weight()
 
     def __call__(self, input_ids_BT, mask_BT, *, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
                  video_grid_thw=None, video_second_per_grid=None, input_features=None, feature_lens=None,

@@ -558,13 +558,15 @@ def token_logprobs(hidden_BTE, head_ED, targets_BT, *, rules, dtype=jnp.float32,
 
 
 def sequence_logprobs(model: Qwen3, tokens_BT, mask_BT, *, chunk: int = 256, with_entropy: bool = False,
-                      last: int | None = None):
+                      last: int | None = None, media=None, layout=None):
     """log p(tokens[:, t+1] | tokens[:, :t+1]) for t < T-1, as [B, T-1] (+ entropy, + MoE aux). `last` scores
-    only the final `last` targets (a rollout's completion): the LM head skips the others, returned as zeros."""
-    out = model.hidden(tokens_BT, mask_BT)
+    only the final `last` targets (a rollout's completion): the LM head skips the others, returned as zeros.
+    `media` and `layout` (an Omni thinker's `omni.RowMedia` / `RowLayout`) run `model.hidden_rows` instead."""
+    out = model.hidden(tokens_BT, mask_BT) if media is None else model.hidden_rows(tokens_BT, mask_BT, media, layout)
+    cfg = model.cfg if media is None else model.cfg.text
     start = 0 if last is None else max(tokens_BT.shape[1] - 1 - last, 0)
     res = token_logprobs(out.hidden_BTE[:, start:-1], model.head_weight(), tokens_BT[:, start + 1:],
-                         rules=model.cfg.rules, dtype=jnp.dtype(model.cfg.dtype), chunk=chunk, with_entropy=with_entropy)
+                         rules=cfg.rules, dtype=jnp.dtype(cfg.dtype), chunk=chunk, with_entropy=with_entropy)
     if start:
         pad = lambda a: jnp.pad(a, ((0, 0), (start, 0)))  # noqa: E731
         res = tuple(map(pad, res)) if with_entropy else pad(res)

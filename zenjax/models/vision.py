@@ -130,11 +130,32 @@ class Linear(nnx.Module):
         return y if self.bias is None else y + self.bias[...].astype(dt)
 
 
-def _rope(x_NHD, cos_NF, sin_NF):
-    """Rotate-half RoPE with per-patch angles [N, D/2]."""
-    x1, x2 = jnp.split(x_NHD.astype(F32), 2, axis=-1)
-    cos, sin = cos_NF[:, None], sin_NF[:, None]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_NHD.dtype)
+def _rope(x_FSHD, cos_FSK, sin_FSK):
+    """Rotate-half RoPE with per-patch angles [..., D/2]."""
+    x1, x2 = jnp.split(x_FSHD.astype(F32), 2, axis=-1)
+    cos, sin = cos_FSK[..., None, :], sin_FSK[..., None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_FSHD.dtype)
+
+
+class Frames(NamedTuple):
+    """What each block's attention needs: the layout from GridArrays and the rotary angles per slot."""
+    patch_FS: np.ndarray
+    valid_FS: np.ndarray
+    slot_N: np.ndarray
+    cos_FSK: jax.Array
+    sin_FSK: jax.Array
+
+
+def _to_frames(a_N, patch_FS):
+    """[N, ...] -> [F, S, ...], padded slots repeating a patch of their frame; a reshape when no frame is padded."""
+    F, S = patch_FS.shape
+    return a_N.reshape(F, S, *a_N.shape[1:]) if F * S == len(a_N) else a_N[patch_FS]
+
+
+def _from_frames(a_FS, slot_N):
+    """[F, S, ...] -> [N, ...], the valid slots only (inverse of _to_frames)."""
+    a = a_FS.reshape(-1, *a_FS.shape[2:])
+    return a if len(a) == len(slot_N) else a[slot_N]
 
 
 class Attention(nnx.Module):
@@ -146,15 +167,17 @@ class Attention(nnx.Module):
         self.o = param(rngs, cfg, (H, D, E), ("heads", "head_dim", "embed"))
         self.o_bias = param(rngs, cfg, (E,), ("embed",), "zeros")
 
-    def __call__(self, x_NE, cos_NF, sin_NF, allowed_NN):
+    def __call__(self, x_NE, frames: Frames):
         dt = self.dtype
-        qkv_N3HD = jnp.einsum("ne,ethd->nthd", x_NE.astype(dt), self.qkv[...].astype(dt))
-        qkv_N3HD = qkv_N3HD + self.qkv_bias[...].astype(dt)
-        q_NHD, k_NHD = (_rope(qkv_N3HD[:, i], cos_NF, sin_NF) for i in (0, 1))
-        scale = q_NHD.shape[-1] ** -0.5
-        scores_HNS = jnp.einsum("nhd,shd->hns", q_NHD.astype(F32), k_NHD.astype(F32)) * scale
-        probs_HNS = jax.nn.softmax(jnp.where(allowed_NN, scores_HNS, jnp.finfo(F32).min), axis=-1)
-        out_NHD = jnp.einsum("hns,shd->nhd", probs_HNS, qkv_N3HD[:, 2].astype(F32)).astype(dt)
+        x_FSE = _to_frames(x_NE.astype(dt), frames.patch_FS)
+        qkv_FS3HD = jnp.einsum("fse,ethd->fsthd", x_FSE, self.qkv[...].astype(dt)) + self.qkv_bias[...].astype(dt)
+        q_FSHD, k_FSHD = (_rope(qkv_FS3HD[:, :, i], frames.cos_FSK, frames.sin_FSK) for i in (0, 1))
+        scale = q_FSHD.shape[-1] ** -0.5
+        scores_FHST = jnp.einsum("fshd,fthd->fhst", q_FSHD.astype(F32), k_FSHD.astype(F32)) * scale
+        # Padded keys get no weight; padded queries are computed and dropped.
+        scores_FHST = jnp.where(frames.valid_FS[:, None, None, :], scores_FHST, jnp.finfo(F32).min)
+        out_FSHD = jnp.einsum("fhst,fthd->fshd", jax.nn.softmax(scores_FHST, axis=-1), qkv_FS3HD[:, :, 2].astype(F32))
+        out_NHD = _from_frames(out_FSHD.astype(dt), frames.slot_N)
         return jnp.einsum("nhd,hde->ne", out_NHD, self.o[...].astype(dt)) + self.o_bias[...].astype(dt)
 
 
@@ -168,8 +191,8 @@ class Block(nnx.Module):
         self.fc2 = Linear(F, E, ("mlp", "embed"), cfg, rngs=rngs)
         self.act = cfg.hidden_act
 
-    def __call__(self, x_NE, cos_NF, sin_NF, allowed_NN):
-        x_NE = x_NE + self.attn(self.norm1(x_NE), cos_NF, sin_NF, allowed_NN).astype(x_NE.dtype)
+    def __call__(self, x_NE, frames: Frames):
+        x_NE = x_NE + self.attn(self.norm1(x_NE), frames).astype(x_NE.dtype)
         h_NF = self.fc1(self.norm2(x_NE))
         h_NF = _ACTS[self.act](h_NF.astype(F32)).astype(h_NF.dtype)
         return x_NE + self.fc2(h_NF).astype(x_NE.dtype)
@@ -202,11 +225,15 @@ class VisionOutput(NamedTuple):
 
 class GridArrays(NamedTuple):
     """What grid_thw decides, per patch: bilinear taps into the position table and their weights, the (row,
-    column) of the patch in its frame, and the frame it attends within."""
+    column) of the patch in its frame; and the per-frame attention layout, F frames of S = the largest frame's
+    patch count: the patch in each slot (a padded slot repeats its frame's first patch), which slots are real,
+    and each patch's slot in the flattened [F * S]."""
     taps_N4: np.ndarray
     weights_N4: np.ndarray
     rows_cols_N2: np.ndarray
-    frame_N: np.ndarray
+    patch_FS: np.ndarray
+    valid_FS: np.ndarray
+    slot_N: np.ndarray
 
 
 def grid_arrays(cfg: VisionConfig, grid_thw) -> GridArrays:
@@ -238,9 +265,13 @@ def grid_arrays(cfg: VisionConfig, grid_thw) -> GridArrays:
     w_taps, w_w = axis(col, width)
     taps = (h_taps[:, :, None] * side + w_taps[:, None, :]).reshape(-1, 4)
     weights = (h_w[:, :, None] * w_w[:, None, :]).reshape(-1, 4)
-    frame_sizes = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])
-    frame = np.repeat(np.arange(len(frame_sizes)), frame_sizes)
-    return GridArrays(taps, weights.astype(np.float32), np.stack([row, col], -1), frame)
+    sizes_F = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])
+    starts_F = np.cumsum(sizes_F) - sizes_F
+    offset_FS = np.arange(sizes_F.max())[None, :]
+    valid_FS = offset_FS < sizes_F[:, None]
+    patch_FS = starts_F[:, None] + np.where(valid_FS, offset_FS, 0)
+    slot_N = np.flatnonzero(valid_FS)
+    return GridArrays(taps, weights.astype(np.float32), np.stack([row, col], -1), patch_FS, valid_FS, slot_N)
 
 
 class VisionEncoder(nnx.Module):
@@ -261,13 +292,16 @@ class VisionEncoder(nnx.Module):
 
     def __call__(self, pixel_values, grid_thw) -> VisionOutput:
         """pixel_values [N, C*T*P*P] (see the module docstring); grid_thw [num_images, 3] must be concrete (a
-        static argument under jit): the position taps, rotary angles and the block-diagonal per-frame attention
-        mask are built from it with numpy on the host. The mask is dense, [N, N]."""
+        static argument under jit): the position taps, rotary angles and the per-frame attention layout are built
+        from it with numpy on the host. Attention runs per frame: the patches are gathered into [F, S, E] (S the
+        largest frame's patch count, padded keys masked; a plain reshape when all frames are one size), so its
+        cost is F * S**2, not N**2."""
         cfg = self.cfg
         g = grid_arrays(cfg, grid_thw)
-        if pixel_values.shape != (len(g.frame_N), cfg.patch_dim):
-            raise ValueError(f"pixel_values {tuple(pixel_values.shape)}: grid_thw gives {len(g.frame_N)} patches "
-                             f"of {cfg.patch_dim} values")
+        N = len(g.slot_N)
+        if pixel_values.shape != (N, cfg.patch_dim):
+            raise ValueError(f"pixel_values {tuple(pixel_values.shape)}: grid_thw gives {N} patches of "
+                             f"{cfg.patch_dim} values")
         x_NE = self.patch_embed(pixel_values)
         pos_N4E = jnp.take(self.pos_embed[...].astype(F32), jnp.asarray(g.taps_N4), axis=0)
         x_NE = x_NE + jnp.einsum("nk,nke->ne", jnp.asarray(g.weights_N4), pos_N4E).astype(x_NE.dtype)
@@ -275,19 +309,19 @@ class VisionEncoder(nnx.Module):
         # Axial RoPE: a quarter of head_dim's frequencies for the row, the same for the column.
         D = cfg.head_dim
         inv_freq = 1.0 / cfg.rope_theta ** (jnp.arange(0, D // 2, 2, dtype=F32) / (D // 2))
-        angles_NF = (jnp.asarray(g.rows_cols_N2, F32)[:, :, None] * inv_freq).reshape(len(g.frame_N), D // 2)
-        frame_N = jnp.asarray(g.frame_N)
-        args = (jnp.cos(angles_NF), jnp.sin(angles_NF), frame_N[:, None] == frame_N[None, :])
+        angles_NK = (jnp.asarray(g.rows_cols_N2, F32)[:, :, None] * inv_freq).reshape(N, D // 2)
+        angles_FSK = _to_frames(angles_NK, g.patch_FS)
+        frames = Frames(g.patch_FS, g.valid_FS, g.slot_N, jnp.cos(angles_FSK), jnp.sin(angles_FSK))
 
         deepstack, start = [], 0
         for layer in sorted(cfg.deepstack_visual_indexes):
-            x_NE = self._run(x_NE, start, layer + 1, args)
+            x_NE = self._run(x_NE, start, layer + 1, frames)
             deepstack.append(self.deepstack_mergers[cfg.deepstack_visual_indexes.index(layer)](x_NE))
             start = layer + 1
-        x_NE = self._run(x_NE, start, cfg.num_layers, args)
+        x_NE = self._run(x_NE, start, cfg.num_layers, frames)
         return VisionOutput(self.merger(x_NE), deepstack, x_NE)
 
-    def _run(self, x_NE, start: int, stop: int, args):
+    def _run(self, x_NE, start: int, stop: int, frames: Frames):
         """Blocks [start, stop) as one scan."""
         if start == stop:
             return x_NE
@@ -295,7 +329,7 @@ class VisionEncoder(nnx.Module):
         state = jax.tree.map(lambda a: a[start:stop], state)
 
         def body(x, layer_state):
-            return nnx.merge(graphdef, layer_state)(x, *args), None
+            return nnx.merge(graphdef, layer_state)(x, frames), None
 
         return jax.lax.scan(body, x_NE, state)[0]
 

@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from zenjax import engine, sampling
+from zenjax.models.omni import RowLayout, row_media
 from zenjax.rl import losses, rewards
 
 
@@ -58,18 +60,61 @@ def _own_rows(x: jax.Array, rows: np.ndarray) -> np.ndarray:
     return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])[pos]
 
 
+def _encoder_inputs(items: list[dict], layout: RowLayout) -> dict:
+    """The items' media as one call of the thinker takes them (`sampling.sample_multimodal`'s `media`)."""
+    P, media = len(items), {}
+    if layout.image_grids:
+        media.update(pixel_values=np.concatenate([it["pixels"] for it in items]), image_grid_thw=layout.image_grids * P)
+    if layout.audio_frames:
+        media.update(input_features=np.concatenate([it["features"] for it in items], axis=1),
+                     feature_lens=layout.audio_frames * P)
+    return media
+
+
+def media_rows(cfg, items: list[dict], layout: RowLayout, ids, mask):
+    """`omni.RowMedia` (host numpy) of token rows `ids` / `mask` that hold the items' prompts, one row per item."""
+    stack = lambda k, on: np.stack([it[k] for it in items]) if on else None  # noqa: E731
+    return row_media(cfg, ids, mask, layout, stack("pixels", layout.image_grids), stack("features", layout.audio_frames))
+
+
+def _left_padded(items: list[dict], prompt_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """The prompts as the sampler pads them."""
+    ids, mask = np.full((len(items), prompt_len), pad_id, np.int32), np.zeros((len(items), prompt_len), bool)
+    for i, it in enumerate(items):
+        start = prompt_len - len(it["prompt_ids"])
+        ids[i, start:], mask[i, start:] = it["prompt_ids"], True
+    return ids, mask
+
+
+def _rows_like(x: np.ndarray, like: jax.Array) -> jax.Array:
+    """A host array, the same on every process, split over its rows as `like` is (the sampler's output)."""
+    s = like.sharding
+    if not isinstance(s, NamedSharding):
+        return jnp.asarray(x)
+    sh = NamedSharding(s.mesh, PartitionSpec(s.spec[0] if s.spec else None, *(None,) * (x.ndim - 1)))
+    return jax.make_array_from_callback(x.shape, sh, lambda index: x[index])
+
+
 def generate(model, items: list[dict], tokenizer, rl, rng: jax.Array, *, num_samples: int, prompt_len: int,
-             greedy: bool = False, engine_name: str | None = None) -> tuple[sampling.SampleOutput, dict[str, int]]:
+             greedy: bool = False, engine_name: str | None = None,
+             layout: RowLayout | None = None) -> tuple[sampling.SampleOutput, dict[str, int]]:
     """Completions of the same `items` on every process, on device (rows over the batch axes), finished, and the
     continuous engine's counters (none for the static sampler). Prompts are padded to `prompt_len` tokens, so
-    that the sampler and the training functions compile once per run. `engine_name` overrides rl.engine."""
+    that the sampler and the training functions compile once per run. `engine_name` overrides rl.engine.
+    An Omni thinker's items carry their media of the run's `layout` ("pixels", "features")."""
     kw = dict(num_samples=num_samples, max_new_tokens=rl.max_new_tokens, rng=rng, temperature=rl.temperature,
               top_k=rl.top_k, top_p=rl.top_p, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id, greedy=greedy,
               prompt_len=prompt_len, vocab_limit=tokenizer.vocab_size)
     prompts = [it["prompt_ids"] for it in items]
     if (engine_name or rl.engine) == "static":
+        if layout is not None:
+            return jax.block_until_ready(sampling.sample_multimodal(model, prompts, _encoder_inputs(items, layout),
+                                                                    **kw)), {}
         return jax.block_until_ready(sampling.sample(model, prompts, **kw)), {}
     slots = min(rl.slots or len(prompts) * num_samples, len(prompts) * num_samples)  # 0: one slot per row
+    if layout is not None:
+        kw.update(media=media_rows(model.cfg, items, layout, *_left_padded(items, prompt_len, tokenizer.pad_id)),
+                  layout=layout)
     out, stats = engine.sample(model, prompts, slots=slots, **kw)
     return jax.block_until_ready(out), {"slots": slots, **{k: int(v) for k, v in stats.items()}}
 
@@ -108,7 +153,8 @@ def _whole_batch(r: np.ndarray, lengths: np.ndarray, info: dict, rows: np.ndarra
 
 
 def collect(model, items: list[dict], tokenizer, rl, reward_weights: dict[str, float], rng: jax.Array, *,
-            prompt_len: int, rows: np.ndarray | None = None, overlap: Callable[[dict], dict] | None = None):
+            prompt_len: int, rows: np.ndarray | None = None, overlap: Callable[[dict], dict] | None = None,
+            layout: RowLayout | None = None):
     """One rollout batch of len(items) * group_size rows, grouped [p0 g0..g(G-1), p1 ...], its metrics and this
     process's texts.
 
@@ -122,9 +168,12 @@ def collect(model, items: list[dict], tokenizer, rl, reward_weights: dict[str, f
     if len(rows) % G or not np.array_equal(rows, (rows[::G, None] // G * G + np.arange(G)).ravel()):
         raise ValueError(f"rollout rows must be whole groups of {G}: each process scores its own prompts")
     t0 = time.perf_counter()
-    out, counters = generate(model, items, tokenizer, rl, rng, num_samples=G, prompt_len=prompt_len)
+    out, counters = generate(model, items, tokenizer, rl, rng, num_samples=G, prompt_len=prompt_len, layout=layout)
     t1 = time.perf_counter()
     batch = sequences(out)
+    if layout is not None:  # each row's media, for the log-prob and update passes
+        m = media_rows(model.cfg, items, layout, *_left_padded(items, prompt_len, tokenizer.pad_id))
+        batch["media"] = jax.tree.map(lambda x: _rows_like(np.repeat(x, G, axis=0), out.tokens), m)
     if overlap is not None:
         batch.update(overlap(batch))
     mine = sampling.SampleOutput(*(_own_rows(x, rows) for x in out))
