@@ -91,6 +91,8 @@ def get_config(arg=None):
     # Mostly correctness; a small bonus for <think>...</think><answer>...</answer> keeps answers extractable.
     c.rewards = ml_collections.ConfigDict({"math": 1.0, "format": 0.2})
     c.data.source = "data/multimodal_train.jsonl"  # {"prompt", "answer", "images", "audios"} lines, paths relative
+    c.data.images = 1  # every prompt has one image
+    c.data.audios = 1  # and one audio clip
     c.data.image_size = 448  # 28x28 patches: 196 image tokens
     c.data.audio_seconds = 10.0  # 130 audio tokens
     c.data.max_prompt_len = 768  # the media's 326 tokens and the question; longer prompts are dropped

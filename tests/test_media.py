@@ -11,7 +11,11 @@ from transformers import (PreTrainedTokenizerFast, Qwen2VLImageProcessorPil, Qwe
                           WhisperFeatureExtractor)
 from transformers.processing_utils import ProcessorMixin
 
+from configs import omni
 from zenjax import media
+from zenjax.config import prompt_media
+from zenjax.data import eval_items
+from zenjax.tokenizer import CharTokenizer
 
 P, T = 16, 2
 VIDEO_PIXELS = dict(min_pixels=128 * 32 * 32, max_pixels=768 * 32 * 32)  # Qwen3OmniMoeProcessor.videos_kwargs
@@ -144,3 +148,21 @@ def test_bad_input_raises():
     for fn, match in cases:
         with pytest.raises(ValueError, match=match):
             fn()
+
+
+def test_prompt_media_give_every_prompt_one_layout():
+    """The training run's prompts: the see_hear item's 64-pixel image and 0.5 s clip become 4 image and 7 audio
+    tokens after the user turn's start; a prompt with placeholders of its own is an error naming it."""
+    c = omni.get_config("tiny")
+    media, item = prompt_media(c), eval_items(c.data)[0]
+    out = media(item, CharTokenizer())
+    assert out["prompt_ids"][:15] == [1, 59] + [56] * 4 + [60, 61] + [58] * 7 and out["prompt_ids"][15] == 62
+    assert out["pixels"].shape == (16, 3 * 2 * 16 * 16) and out["features"].shape == (128, 50)
+    assert media.layout.image_grids == ((1, 4, 4),) and media.layout.audio_frames == (50,)
+
+    class Echo(CharTokenizer):  # an HF prompt whose text writes out <|image_pad|> holds one more placeholder
+        def encode_prompt(self, prompt, media_ids=()):
+            return super().encode_prompt(prompt, media_ids) + [56]
+
+    with pytest.raises(ValueError, match=rf"prompt '{item['id']}': 2 image placeholder tokens \(id 56\) for 1"):
+        media(item, Echo())

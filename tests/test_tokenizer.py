@@ -11,7 +11,7 @@ from zenjax.tokenizer import CharTokenizer, HFTokenizer, load_tokenizer
 
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
 
 
 def _save_bpe(directory, *, chat_template=TEMPLATE, pad=True, generation_eos=None):
@@ -87,3 +87,17 @@ def test_char_tokenizer():
 def test_load_tokenizer_rejects_unknown(tmp_path):
     with pytest.raises(ValueError, match="neither 'char' nor"):
         load_tokenizer(str(tmp_path / "missing"))
+
+
+def test_media_placeholders_open_the_user_turn(tmp_path):
+    """Where Qwen3-Omni's chat template puts an image: at the start of the user's content, as special tokens."""
+    ref = _save_bpe(tmp_path)
+    tok = load_tokenizer(str(tmp_path))
+    media = ref.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"])
+    ids = tok.encode_prompt([{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is two"}],
+                            media)
+    assert tok.decode(ids) == ("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+                               "<|image_pad|><|vision_end|>what is two<|im_end|>\n<|im_start|>assistant\n")
+    start = ids.index(media[0])
+    assert ids[start:start + 3] == media and ids.count(media[1]) == 1
+    assert CharTokenizer().encode_prompt("1+1=", [60, 56, 61]) == [1, 60, 56, 61, 4, 13, 4, 17]

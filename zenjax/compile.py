@@ -32,8 +32,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from zenjax import cli, engine, plan, sampling, sharding
-from zenjax.config import logprob_rows, model_config_from, validate
-from zenjax.models import Qwen3
+from zenjax.config import logprob_rows, model_config_from, prompt_media, validate
+from zenjax.models.hf import build, text_config
 from zenjax.train_state import RLHyper, State, abstract_rollout_params, abstract_state, make_functions, \
     make_optimizer, rollout_config
 
@@ -95,38 +95,49 @@ def programs(config: ml_collections.ConfigDict, mesh, hbm: float | None = None) 
     program's arguments) for the update, the log-prob pass and the sampler (the config's rl.engine, its slots
     sized to `hbm` bytes per device as the trainer sizes them; from the rollout copy of the policy unless
     rl.rollout_copy is off)."""
-    cfg = model_config_from(config.model)
+    model_cfg = model_config_from(config.model)
+    cfg, media = text_config(model_cfg), prompt_media(config)
+    layout = None if media is None else media.layout
     rl = config.rl
     tx, schedule = make_optimizer(config.optim, config.steps * rl.minibatches // config.optim.grad_accum)
     # Eager work (optax's placeholders) stays outside the mesh context.
-    graphdef, abs_params, abs_opt, param_sh, opt_sh = abstract_state(cfg, tx, mesh, config.seed)
+    graphdef, abs_params, abs_opt, param_sh, opt_sh = abstract_state(model_cfg, tx, mesh, config.seed)
     state = State(graphdef, abs_params, abs_opt, param_sh, opt_sh)
     hyper = RLHyper(rl.loss, rl.eps_low, rl.eps_high, rl.kl_coef, rl.logprob_chunk, completion_len=rl.max_new_tokens,
                     logprob_rows=logprob_rows(rl))
-    logprobs, update = make_functions(state, cfg, tx, hyper, mesh, schedule)
+    logprobs, update = make_functions(state, model_cfg, tx, hyper, mesh, schedule, layout)
 
     prompt_len = config.data.max_prompt_len  # the trainer pads every prompt to it
     T = prompt_len + rl.max_new_tokens
     rows, mb = rl.prompts_per_step * rl.group_size, rl.prompts_per_step * rl.group_size // rl.minibatches
     rows_sh = lambda ndim: sharding.batch_sharding(mesh, ndim)  # noqa: E731
+
+    def media_of(n, sh=None):  # n rows' media, over the batch axes (or `sh`)
+        if layout is None:
+            return None
+        return jax.tree.map(lambda a: _sds(a.shape, a.dtype, sh or rows_sh(a.ndim)),
+                            layout.abstract(model_cfg, n, prompt_len))
     minibatch = {"tokens": _sds((mb, T), jnp.int32, rows_sh(2)), "mask": _sds((mb, T), jnp.bool_, rows_sh(2)),
                  "completion_mask": _sds((mb, T - 1), jnp.float32, rows_sh(2)),
                  "old_logp": _sds((mb, T - 1), jnp.float32, rows_sh(2)), "adv": _sds((mb,), jnp.float32, rows_sh(1))}
     if rl.kl_coef > 0:
         minibatch["ref_logp"] = minibatch["old_logp"]
+    if layout is not None:
+        minibatch["media"] = media_of(mb)
     if cfg.num_experts:  # the old pass's routing, for the routing-change metric
         minibatch["old_topk"] = _sds((mb, cfg.num_layers, T, cfg.num_experts_per_tok),
                                      jnp.uint8 if cfg.num_experts <= 256 else jnp.int32, rows_sh(4))
     counts = None
     if cfg.num_experts and cfg.balance_global_batch:
         with jax.set_mesh(mesh):
-            counts = jax.eval_shape(logprobs, abs_params, minibatch["tokens"], minibatch["mask"])[2]["counts"]
+            counts = jax.eval_shape(logprobs, abs_params, minibatch["tokens"], minibatch["mask"],
+                                    minibatch.get("media"))[2]["counts"]
 
-    sampler_cfg, sampler_graphdef, sampler_params = cfg, graphdef, abs_params
+    sampler_cfg, sampler_graphdef, sampler_params = model_cfg, graphdef, abs_params
     if rl.rollout_copy:
-        sampler_cfg = rollout_config(cfg)
-        sampler_graphdef, sampler_params = abstract_rollout_params(cfg, mesh)
-    _, model_state = jax.eval_shape(lambda: nnx.split(Qwen3(sampler_cfg, rngs=nnx.Rngs(0))))
+        sampler_cfg = rollout_config(model_cfg)
+        sampler_graphdef, sampler_params = abstract_rollout_params(model_cfg, mesh)
+    _, model_state = jax.eval_shape(lambda: nnx.split(build(sampler_cfg, rngs=nnx.Rngs(0))))
     nnx.replace_by_pure_dict(model_state, sampler_params)
     replicated = NamedSharding(mesh, P())  # the sampler gets host prompts, as in the trainer
     P_ = rl.prompts_per_step
@@ -147,12 +158,17 @@ def programs(config: ml_collections.ConfigDict, mesh, hbm: float | None = None) 
         sampler = engine._run
         sampler_kw["slots"] = plan.rollout_slots(config, dict(mesh.shape), plan.device_bytes(abs_params) + opt + copy,
                                                  hbm)
+        sampler_kw["layout"] = layout
+        sampler_args = sampler_args[:4] + (media_of(P_, replicated),) + sampler_args[4:]
+    elif layout is not None:
+        raise cli.UserError("the compile tool compiles an Omni thinker's sampler as the continuous engine: "
+                            "--config.rl.engine=continuous")
     else:
         sampler_kw["cache_len"] = T
     return {
         "update": (update, (abs_params, abs_opt, minibatch, counts), {}, ref),
         "old_logprobs": (logprobs, (abs_params, _sds((rows, T), jnp.int32, rows_sh(2)),
-                                    _sds((rows, T), jnp.bool_, rows_sh(2))), {}, opt),
+                                    _sds((rows, T), jnp.bool_, rows_sh(2)), media_of(rows)), {}, opt),
         "sampler": (sampler, sampler_args, sampler_kw,
                     opt + plan.device_bytes(abs_params) * rl.rollout_copy),
     }

@@ -7,11 +7,13 @@ import math
 
 import jax
 import ml_collections
+import numpy as np
 
 from zenjax import sharding
 from zenjax.models import Qwen3Config
-from zenjax.models.audio import AudioConfig
-from zenjax.models.hf import ModelConfig, text_config
+from zenjax.media import PromptMedia
+from zenjax.models.audio import AudioConfig, output_lengths
+from zenjax.models.hf import ModelConfig, is_omni, text_config
 from zenjax.models.mrope import MRopeConfig
 from zenjax.models.omni import OmniConfig
 from zenjax.models.qwen3 import read_hf_config
@@ -45,11 +47,20 @@ def model_config_from(m: ml_collections.ConfigDict) -> ModelConfig:
         raise ValueError(f"config.model: an Omni thinker needs all of {list(OMNI_FIELDS)}, got {sorted(towers)}")
     ids = dict(towers["media_tokens"])
     ends = {k: ids.pop(k) for k in ("vision_end_token_id", "audio_end_token_id") if k in ids}
-    dtypes = {k: fields[k] for k in ("dtype", "param_dtype") if k in fields}
-    vision = VisionConfig(**{**towers["vision"], **dtypes})
-    audio = AudioConfig(**{**towers["audio"], **dtypes})
+    as_text = {k: fields[k] for k in ("dtype", "param_dtype", "remat") if k in fields}  # the towers run as the text
+    vision = VisionConfig(**{**towers["vision"], **as_text})
+    audio = AudioConfig(**{**towers["audio"], **as_text})
     mrope = MRopeConfig(**ids, spatial_merge_size=vision.spatial_merge_size, n_window=audio.n_window)
     return OmniConfig(Qwen3Config(**fields), vision, audio, mrope, **ends)
+
+
+def prompt_media(config: ml_collections.ConfigDict) -> PromptMedia | None:
+    """The media every prompt of an Omni thinker's run carries (None for a text model)."""
+    cfg = model_config_from(config.model)
+    if not is_omni(cfg):
+        return None
+    d = config.data
+    return PromptMedia(cfg, images=d.images, audios=d.audios, image_size=d.image_size, audio_seconds=d.audio_seconds)
 
 
 def logprob_rows(rl: ml_collections.ConfigDict) -> int:
@@ -67,6 +78,29 @@ def _shards(logical: str, sizes: dict[str, int]) -> tuple[int, str]:
     rule = sharding.TRAINING[logical]  # the rollout layout splits each parameter over a subset of these
     axes = () if rule is None else (rule,) if isinstance(rule, str) else tuple(rule)
     return math.prod(sizes[a] for a in axes), "*".join(f"mesh.{a}" for a in axes)
+
+
+def _media_errors(config: ml_collections.ConfigDict) -> list[str]:
+    d = config.data
+    if not is_omni(model_config_from(config.model)):
+        return [f"data.images={d.images} and data.audios={d.audios}: a text model takes no media (an Omni "
+                "thinker's config has model.vision and model.audio)"] if d.images or d.audios else []
+    if d.images < 0 or d.audios < 0 or d.audio_seconds <= 0:
+        return [f"data.images={d.images} and data.audios={d.audios} must be >= 0, data.audio_seconds="
+                f"{d.audio_seconds} > 0"]
+    media = prompt_media(config)
+    try:
+        layout = media.layout
+    except ValueError as e:
+        return [str(e)]
+    merge = media.cfg.vision.spatial_merge_size ** 2
+    tokens = (sum(t * h * w // merge for t, h, w in layout.image_grids) + 2 * d.images
+              + int(output_lengths(np.array(layout.audio_frames, np.int64)).sum()) + 2 * d.audios)
+    if tokens >= d.max_prompt_len:
+        return [f"every prompt's media take {tokens} tokens (data.images={d.images} of data.image_size="
+                f"{d.image_size}, data.audios={d.audios} of data.audio_seconds={d.audio_seconds}): more than "
+                f"data.max_prompt_len={d.max_prompt_len} leaves for the text"]
+    return []
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
@@ -121,6 +155,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
                       "its share of the slots)")
     if not 0 <= rl.eps_low < 1 or rl.eps_high < 0:
         errors.append(f"rl.eps_low={rl.eps_low} must be in [0, 1) and rl.eps_high={rl.eps_high} >= 0")
+    errors += _media_errors(config)
     seq = config.data.max_prompt_len + rl.max_new_tokens
     if seq > cfg.max_position_embeddings:
         errors.append(f"data.max_prompt_len + rl.max_new_tokens = {config.data.max_prompt_len} + "

@@ -53,6 +53,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.operand_digits = 1  # arithmetic: digits per operand
     c.ops = "+"  # arithmetic: operators to draw from, any of "+-*"
     c.reverse_len = 3  # reverse: number of digits to reverse
+    c.images = 0  # images in every prompt (an Omni thinker's runs: one media layout, one compile)
+    c.audios = 0  # audio clips in every prompt
     c.image_size = 64  # images are resized to this square side, a multiple of the vision patch * merge (32)
     c.audio_seconds = 0.5  # audio clips are cut or zero-padded to this length: one shape per run, one compile
     c.tone_seconds = 0.25  # see_hear: length of each of the two tones

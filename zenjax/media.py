@@ -225,9 +225,8 @@ class PromptMedia:
         cfg, m, layout = self.cfg, self.cfg.mrope, self.layout
         images, audios = item.get("images", []), item.get("audios", [])
         if (len(images), len(audios)) != (self.images, self.audios):
-            raise ValueError(f"prompt {item['id']!r} has {len(images)} images and {len(audios)} audios, but this "
-                             f"run's prompts have {self.images} and {self.audios} (one media layout per run, set by "
-                             "the data's first prompt)")
+            raise ValueError(f"prompt {item['id']!r} has {len(images)} images and {len(audios)} audio clips, but "
+                             f"every prompt of this run has data.images={self.images} and data.audios={self.audios}")
         out, ids = {}, []
         if images:
             S, v = self.image_size, cfg.vision
@@ -241,8 +240,11 @@ class PromptMedia:
             clips = [np.pad(a[:n], (0, max(n - len(a), 0))).astype(np.float32) for a in audios]
             out["features"] = audio_inputs(clips, n_mels=cfg.audio.num_mel_bins).input_features
             ids += [m.audio_start_token_id, m.audio_token_id, cfg.audio_end_token_id] * len(audios)
-        out["prompt_ids"] = expand_placeholders(
-            tokenizer.encode_prompt(item["prompt"], ids), image_pad_id=m.image_token_id if images else None,
-            image_grid_thw=layout.image_grids, audio_pad_id=m.audio_token_id if audios else None,
-            audio_feature_lens=layout.audio_frames, merge_size=cfg.vision.spatial_merge_size)
+        try:  # a prompt whose text holds placeholder tokens of its own has more of them than media
+            out["prompt_ids"] = expand_placeholders(
+                tokenizer.encode_prompt(item["prompt"], ids), image_pad_id=m.image_token_id,
+                image_grid_thw=layout.image_grids, audio_pad_id=m.audio_token_id,
+                audio_feature_lens=layout.audio_frames, merge_size=cfg.vision.spatial_merge_size)
+        except ValueError as e:
+            raise ValueError(f"prompt {item['id']!r}: {e}") from None
         return out

@@ -22,11 +22,11 @@ from absl import logging as absl_logging
 
 from zenjax import cli, distributed, hostmem, plan, sharding
 from zenjax.checkpoint import Checkpointer, frozen_reference, install_signal_handlers
-from zenjax.config import logprob_rows, model_config_from, validate
-from zenjax.data import PromptLoader, eval_items, load_media, make_prompt_source
+from zenjax.config import logprob_rows, model_config_from, prompt_media, validate
+from zenjax.data import PromptLoader, eval_items
 from zenjax.media import PromptMedia
 from zenjax.metrics import MetricsWriter
-from zenjax.models.hf import is_omni, text_config
+from zenjax.models.hf import text_config
 from zenjax.rl import rewards, rollout
 from zenjax.tokenizer import Tokenizer, load_tokenizer
 from zenjax.train_state import RLHyper, State, abstract_state, init_state, make_functions, make_optimizer, \
@@ -55,6 +55,14 @@ def _minibatch(batch: dict, mesh, i, m: int) -> dict:
         return jax.lax.with_sharding_constraint(jax.lax.dynamic_slice_in_dim(x, i * size, size),
                                                 sharding.batch_sharding(mesh, x.ndim))
     return jax.tree.map(one, batch)
+
+
+def _next_batch(loader: PromptLoader) -> list[dict]:
+    """The next prompts; a file that cannot be read is the user's to fix (the last checkpoint stays as it was)."""
+    try:
+        return next(loader)
+    except ValueError as e:
+        raise cli.UserError(cli.message(e)) from None
 
 
 def _sft_batch(items, tokenizer):
@@ -113,9 +121,8 @@ def setup(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
         if config.rl.engine == "continuous" and not config.rl.slots:  # as many as the devices' memory holds
             stats = jax.local_devices()[0].memory_stats() or {}  # CPUs report none: then the whole batch
             config.rl.slots = plan.plan(config, num_devices or jax.device_count(), hbm=stats.get("bytes_limit")).slots
-        media, prepare = None, None
-        if is_omni(model_config_from(config.model)):
-            media = prompt_media(config)
+        media, prepare = prompt_media(config), None
+        if media is not None:
             prepare = lambda item: media(item, tokenizer)  # noqa: E731
         # Every process reads the whole batch (the sampler needs the same prompts everywhere) and so holds the
         # same data-iterator state, which then resumes on any number of processes. Each scores its rows.
@@ -127,15 +134,6 @@ def setup(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     except (ValueError, KeyError, OSError) as e:
         raise cli.UserError(cli.message(e)) from None
     return Setup(config, tokenizer, loader, held_out, media)
-
-
-def prompt_media(config: ml_collections.ConfigDict) -> PromptMedia:
-    """The media layout of an Omni run: the data's first prompt's image and audio counts, at the data config's
-    image size and audio length."""
-    first = load_media(make_prompt_source(config.data)[0])
-    return PromptMedia(model_config_from(config.model), images=len(first.get("images", [])),
-                       audios=len(first.get("audios", [])), image_size=config.data.image_size,
-                       audio_seconds=config.data.audio_seconds)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
@@ -203,7 +201,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         history, bad_in_a_row, stopping = [], 0, False
         for step in range(start, config.steps):
             t0 = time.perf_counter()
-            items = next(loader)
+            items = _next_batch(loader)
             rng = jax.random.fold_in(key, step)
             batch, metrics, _ = rollout.collect(policy_of(state.params), items, tokenizer, rl, config.rewards, rng,
                                                 prompt_len=config.data.max_prompt_len, rows=rows, overlap=old_policy,
@@ -274,7 +272,7 @@ def _warm_up(state: State, config, tokenizer, mesh, writer, media: PromptMedia |
     rows = sharding.batch_rows(mesh, n)
     params, opt_state = sft_state.params, sft_state.opt_state
     for i in range(rl.sft_steps):
-        items = next(loader)
+        items = _next_batch(loader)
         tokens, mask, target = _sft_batch(items, tokenizer)
         rows_media = None if media is None else rollout.media_rows(media.cfg, items, media.layout, tokens, mask)
         batch = _put(jax.tree.map(lambda x: x[rows], (tokens, mask, target, rows_media)), mesh)

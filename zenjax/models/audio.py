@@ -20,6 +20,7 @@ from flax import nnx
 from zenjax.models import hf
 from zenjax.models.qwen3 import param
 from zenjax.models.vision import LayerNorm, Linear
+from zenjax.sharding import TRAINING, constrain
 
 _ACT = {"gelu": lambda x: jax.nn.gelu(x, approximate=False), "gelu_pytorch_tanh": jax.nn.gelu,
         "relu": jax.nn.relu, "silu": jax.nn.silu}
@@ -40,6 +41,7 @@ class AudioConfig:
     layer_norm_eps: float = 1e-5  # torch's LayerNorm default; HF's config has no field for it
     dtype: str = "bfloat16"  # compute dtype of matmuls and convolutions
     param_dtype: str = "float32"
+    remat: bool = False  # recompute each layer in the backward pass (the text model's setting)
 
     def __post_init__(self):
         if self.d_model % self.num_heads:
@@ -187,12 +189,13 @@ class AudioEncoder(nnx.Module):
         self.proj1 = Linear(D, D, ("embed", "mlp"), cfg, rngs=rngs)
         self.proj2 = Linear(D, cfg.output_dim, ("mlp", "embed"), cfg, rngs=rngs)
 
-    def __call__(self, input_features_MF, layout: AudioLayout) -> jax.Array:
+    def __call__(self, input_features_MF, layout: AudioLayout, rules=TRAINING) -> jax.Array:
         """Encode `input_features_MF` [num_mel_bins, total_frames] (the audios' log-mel frames concatenated, as
         HF's forward takes them) laid out by `audio_layout(cfg, feature_lens)`; returns [V, output_dim]."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         feats = jnp.pad(input_features_MF.astype(dt), ((0, 0), (0, 1)))  # the zero frame padding points at
-        x = jnp.transpose(feats[:, layout.frames_NP], (1, 0, 2))[..., None]
+        x = constrain(jnp.transpose(feats[:, layout.frames_NP], (1, 0, 2))[..., None], ("batch", None, None, None),
+                      rules)  # chunks over the batch axes
         for conv in (self.conv1, self.conv2, self.conv3):
             x = jax.nn.gelu(conv(x), approximate=False)
         N, F, T, C = x.shape
@@ -204,10 +207,12 @@ class AudioEncoder(nnx.Module):
         graphdef, state = nnx.split(self.layers)
         valid_WK = jnp.asarray(layout.valid_WK, bool)
 
-        def body(x, layer_state):
-            return nnx.merge(graphdef, layer_state)(x, valid_WK), None
+        def body(x, layer_state):  # windows over the batch axes: a training batch's rows, each row's audio in turn
+            return constrain(nnx.merge(graphdef, layer_state)(x, valid_WK), ("batch", None, "act_embed"), rules), None
 
-        x_WKD, _ = jax.lax.scan(body, x_WKD, state)
+        if cfg.remat:
+            body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
+        x_WKD, _ = jax.lax.scan(body, constrain(x_WKD, ("batch", None, "act_embed"), rules), state)
         x_VD = self.ln_post(x_WKD.reshape(-1, cfg.d_model)[layout.keep_V])
         return self.proj2(_ACT[cfg.activation](self.proj1(x_VD)))
 

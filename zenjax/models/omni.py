@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -62,6 +63,7 @@ class OmniConfig:
                 "rope_theta": rope.get("rope_theta", text.get("rope_theta", 1e6)),
                 "tie_word_embeddings": th.get("tie_word_embeddings", False)}
         kw = {} if dtype is None else {"dtype": dtype}
+        kw.update({k: text_overrides[k] for k in ("remat",) if k in text_overrides})  # the towers run as the text
         vis = VisionConfig.from_hf(th.get("vision_config") or {}, **kw)
         aud = AudioConfig.from_hf(th.get("audio_config") or {}, **kw)
         ids = {f.name: th[f.name] for f in dataclasses.fields(MRopeConfig) if f.name in th}
@@ -142,6 +144,18 @@ class RowLayout:
     image_grids: tuple[tuple[int, int, int], ...] = ()  # each image's (t, h, w) patch grid, in prompt order
     audio_frames: tuple[int, ...] = ()  # each audio's mel frames, in prompt order
 
+    def abstract(self, cfg: "OmniConfig", rows: int, prompt_len: int) -> "RowMedia":
+        """The shapes of `rows` rows' RowMedia, as jax.ShapeDtypeStruct (compiling without data)."""
+        merge = cfg.vision.spatial_merge_size ** 2
+        sds = lambda *shape, dtype=np.float32: jax.ShapeDtypeStruct((rows, *shape), dtype)  # noqa: E731
+        patches = sum(t * h * w for t, h, w in self.image_grids)
+        tokens = int(output_lengths(np.array(self.audio_frames, np.int64)).sum())
+        return RowMedia(sds(3, prompt_len), sds(),
+                        sds(patches // merge, dtype=np.int32) if patches else None,
+                        sds(patches, cfg.vision.patch_dim) if patches else None,
+                        sds(tokens, dtype=np.int32) if tokens else None,
+                        sds(cfg.audio.num_mel_bins, sum(self.audio_frames)) if tokens else None)
+
 
 class RowMedia(NamedTuple):
     """Each row's media and multimodal positions, batch axis first so that minibatches slice them as they slice the
@@ -194,12 +208,12 @@ class OmniThinker(nnx.Module):
         for pixels, grid, slots in ((pixel_values, image_grid_thw, p.image_slots),
                                     (pixel_values_videos, video_grid_thw, p.video_slots)):
             if pixels is not None:
-                out = self.visual(pixels, grid)
+                out = self.visual(pixels, grid, self.cfg.text.rules)
                 x_NE = x_NE.at[slots].set(out.merged_MO.astype(x_NE.dtype))
                 deep_NE = deep_NE or [jnp.zeros_like(x_NE)] * len(out.deepstack)
                 deep_NE = [d.at[slots].set(f.astype(d.dtype)) for d, f in zip(deep_NE, out.deepstack)]
         if input_features is not None:
-            x_NE = x_NE.at[p.audio_slots].set(self.audio_tower(input_features, p.audio).astype(x_NE.dtype))
+            x_NE = x_NE.at[p.audio_slots].set(self.audio_tower(input_features, p.audio, self.cfg.text.rules).astype(x_NE.dtype))
         return x_NE.reshape(B, T, E), tuple(d.reshape(B, T, E) for d in deep_NE)
 
     def forward(self, input_ids_BT, mask_BT, p: Placement, *, pixel_values=None, image_grid_thw=None,

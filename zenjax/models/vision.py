@@ -23,6 +23,7 @@ from flax import nnx
 
 from zenjax.models import hf
 from zenjax.models.qwen3 import param
+from zenjax.sharding import TRAINING, constrain
 
 F32 = jnp.float32
 _ACTS = {
@@ -51,6 +52,7 @@ class VisionConfig:
     layer_norm_eps: float = 1e-6  # fixed in HF's modules, not in its config
     dtype: str = "bfloat16"  # compute dtype of matmuls
     param_dtype: str = "float32"
+    remat: bool = False  # recompute each block in the backward pass (the text model's setting)
 
     def __post_init__(self):
         object.__setattr__(self, "deepstack_visual_indexes", tuple(int(i) for i in self.deepstack_visual_indexes))
@@ -290,12 +292,13 @@ class VisionEncoder(nnx.Module):
         self.deepstack_mergers = nnx.List([PatchMerger(cfg, postshuffle=True, rngs=rngs)
                                            for _ in cfg.deepstack_visual_indexes])
 
-    def __call__(self, pixel_values, grid_thw) -> VisionOutput:
+    def __call__(self, pixel_values, grid_thw, rules=TRAINING) -> VisionOutput:
         """pixel_values [N, C*T*P*P] (see the module docstring); grid_thw [num_images, 3] must be concrete (a
         static argument under jit): the position taps, rotary angles and the per-frame attention layout are built
         from it with numpy on the host. Attention runs per frame: the patches are gathered into [F, S, E] (S the
         largest frame's patch count, padded keys masked; a plain reshape when all frames are one size), so its
-        cost is F * S**2, not N**2."""
+        cost is F * S**2, not N**2. Under a mesh the patches split over the batch axes of `rules` (the rows of a
+        training batch, each row's images in turn)."""
         cfg = self.cfg
         g = grid_arrays(cfg, grid_thw)
         N = len(g.slot_N)
@@ -305,6 +308,7 @@ class VisionEncoder(nnx.Module):
         x_NE = self.patch_embed(pixel_values)
         pos_N4E = jnp.take(self.pos_embed[...].astype(F32), jnp.asarray(g.taps_N4), axis=0)
         x_NE = x_NE + jnp.einsum("nk,nke->ne", jnp.asarray(g.weights_N4), pos_N4E).astype(x_NE.dtype)
+        x_NE = constrain(x_NE, ("batch", "act_embed"), rules)
 
         # Axial RoPE: a quarter of head_dim's frequencies for the row, the same for the column.
         D = cfg.head_dim
@@ -315,13 +319,13 @@ class VisionEncoder(nnx.Module):
 
         deepstack, start = [], 0
         for layer in sorted(cfg.deepstack_visual_indexes):
-            x_NE = self._run(x_NE, start, layer + 1, frames)
+            x_NE = self._run(x_NE, start, layer + 1, frames, rules)
             deepstack.append(self.deepstack_mergers[cfg.deepstack_visual_indexes.index(layer)](x_NE))
             start = layer + 1
-        x_NE = self._run(x_NE, start, cfg.num_layers, frames)
+        x_NE = self._run(x_NE, start, cfg.num_layers, frames, rules)
         return VisionOutput(self.merger(x_NE), deepstack, x_NE)
 
-    def _run(self, x_NE, start: int, stop: int, frames: Frames):
+    def _run(self, x_NE, start: int, stop: int, frames: Frames, rules):
         """Blocks [start, stop) as one scan."""
         if start == stop:
             return x_NE
@@ -329,8 +333,10 @@ class VisionEncoder(nnx.Module):
         state = jax.tree.map(lambda a: a[start:stop], state)
 
         def body(x, layer_state):
-            return nnx.merge(graphdef, layer_state)(x, frames), None
+            return constrain(nnx.merge(graphdef, layer_state)(x, frames), ("batch", "act_embed"), rules), None
 
+        if self.cfg.remat:
+            body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
         return jax.lax.scan(body, x_NE, state)[0]
 
 

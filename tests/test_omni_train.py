@@ -1,0 +1,117 @@
+"""Zen Omni as users run it: `zenjax.train --config=configs/omni.py:tiny` on JSONL prompts whose images and WAV files
+are paths relative to the file, from another directory; bad media are one line naming the prompt, exit status 2."""
+import json
+import wave
+
+import jax
+import numpy as np
+from PIL import Image
+
+from configs import omni
+from tests.test_cli import SHORT, _start
+from zenjax import sharding
+from zenjax.config import model_config_from, prompt_media
+from zenjax.data import eval_items, load_media
+from zenjax.rl import rollout
+from zenjax.tokenizer import CharTokenizer
+from zenjax.train_state import RLHyper, init_state, make_functions, make_optimizer
+
+
+def _write_prompts(root, rows):
+    (root / "media").mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40 + 8 * i, 56, 3), dtype=np.uint8)).save(root / "media" / f"{i}.png")
+        with wave.open(str(root / "media" / f"{i}.wav"), "wb") as f:  # 0.3 s at 22.05 kHz: cut, padded, resampled
+            f.setnchannels(1), f.setsampwidth(2), f.setframerate(22050)
+            f.writeframes((rng.standard_normal(6615) * 3000).astype("<i2").tobytes())
+    (root / "bad.wav").write_bytes(b"RIFF-not-a-wav")
+    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _row(i, image=None, audio=None):
+    return {"prompt": "count=", "answer": str(i % 4 + 1), "images": image or f"media/{i % 3}.png",
+            "audios": audio or [f"media/{i % 3}.wav"]}
+
+
+def test_omni_tiny_trains_on_jsonl_media_and_bad_media_are_one_line(tmp_path):
+    good = [_row(i) for i in range(8)]
+    cases = {  # the prompts file -> what the one line says
+        "good": (good, None),
+        "missing": (good[:2] + [_row(2, image="media/nope.png")] + good[3:],
+                    "prompts.jsonl:3: image 'media/nope.png' ("),
+        # Read while training: no held-out prompts, so the first batch meets it.
+        "unreadable": (good[:-1] + [_row(7, audio="bad.wav")], "prompt 'prompts.jsonl:8': cannot read audio"),
+        "two_images": (good[:-1] + [_row(7, image=["media/0.png", "media/1.png"])],
+                       "prompt 'prompts.jsonl:8' has 2 images and 1 audio clips, but every prompt of this run has "
+                       "data.images=1 and data.audios=1"),
+    }
+    procs = {}
+    for name, (rows, _) in cases.items():
+        (tmp_path / name).mkdir()
+        _write_prompts(tmp_path / name, rows)
+        eval_size = 2 if name == "good" else 0
+        procs[name] = _start(["zenjax.train", "--config=configs/omni.py:tiny", "--config.data.source=prompts.jsonl",
+                              f"--config.data.eval_size={eval_size}", "--workdir=run", *SHORT,
+                              "--config.rl.sft_steps=1", "--config.rl.prompts_per_step=8"], tmp_path / name)
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        want = cases[name][1]
+        if want is None:
+            assert proc.returncode == 0, err[-3000:]
+            metrics = [json.loads(line) for line in (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines()]
+            assert [m["step"] for m in metrics] == [1, 2] and all(m["completion_len_mean"] > 0 for m in metrics)
+        else:
+            lines = err.strip().splitlines()
+            assert proc.returncode == 2 and len(lines) == 1 and want in lines[0], (name, err[-3000:])
+    # What the run read: the PNG as RGB at its own size, the WAV resampled to 16 kHz (cut / padded later).
+    item = load_media({"id": "x", "image_paths": [str(tmp_path / "good" / "media" / "1.png")],
+                       "audio_paths": [str(tmp_path / "good" / "media" / "1.wav")]})
+    assert item["images"][0].shape == (48, 56, 3) and item["audios"][0].shape == (4800,)
+
+
+def _omni_step(mesh_sizes):
+    """One GSPO update of the tiny thinker on see_hear prompts (a group of 2 per prompt) on `mesh_sizes`."""
+    c = omni.get_config("tiny")
+    c.model.dtype, c.optim.warmup_steps = "float32", 0
+    cfg, media = model_config_from(c.model), prompt_media(c)
+    items = [dict(it, **media(it, CharTokenizer())) for it in eval_items(c.data)[:4]]
+    G, L, M = 2, 24, 3
+    ids, mask = rollout._left_padded(items, L, 0)
+    rng = np.random.default_rng(0)
+    completion = rng.integers(3, 56, (4 * G, M))
+    cmask = np.arange(M)[None] < rng.integers(1, M + 1, 4 * G)[:, None]
+    batch = {"tokens": np.concatenate([np.repeat(ids, G, 0), completion], 1).astype(np.int32),
+             "mask": np.concatenate([np.repeat(mask, G, 0), cmask], 1),
+             "completion_mask": np.concatenate([np.zeros((4 * G, L - 1)), cmask], 1).astype(np.float32),
+             "old_logp": (-4.0 + 0.3 * rng.standard_normal((4 * G, L + M - 1))).astype(np.float32),
+             "adv": rng.standard_normal(4 * G).astype(np.float32),
+             "media": jax.tree.map(lambda x: np.repeat(x, G, 0), rollout.media_rows(cfg, items, media.layout, ids, mask))}
+    devices = jax.devices()[:int(np.prod(list(mesh_sizes.values())))] if mesh_sizes else jax.devices()[:1]
+    mesh = sharding.make_mesh(**mesh_sizes, devices=devices)
+    tx, schedule = make_optimizer(c.optim, 10)
+    with jax.set_mesh(mesh):
+        state = init_state(cfg, tx, mesh, seed=0)
+        _, update = make_functions(state, cfg, tx, RLHyper("gspo", 0.2, 0.28, 0.0, 8, M), mesh, schedule, media.layout)
+        batch = jax.tree.map(lambda v: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)), batch)
+        before = jax.device_get(state.params)  # the update donates them
+        params, _, metrics = update(state.params, state.opt_state, batch, None)
+        return before, jax.device_get(params), jax.device_get(metrics)
+
+
+def test_omni_update_on_a_mesh_equals_one_device():
+    """The thinker's encoders and decoder, sharded over data x fsdp x expert: the same loss and the same AdamW step
+    as on one device, and the step reaches both encoders."""
+    before, one, m1 = _omni_step({})
+    _, eight, m8 = _omni_step(dict(data=2, fsdp=2, expert=2))
+    # float32 losses of order one, summed in another order over the shards: a few ulps.
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5, atol=1e-6)
+    # Adam's first step is -lr g / (|g| + 1e-8), about lr per weight whatever the gradient's size: a wrong shard
+    # moves it by ~lr. The sharded sums' rounding (~1e-10 on gradient terms ~1e-4) moves only the steps of gradients
+    # that cancel to ~1e-8, by a few % of lr (1.8% seen; see test_train_step_sharded).
+    lr = float(m1["lr"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=0.05 * lr), one, eight)
+    for tower in ("visual", "audio_tower"):
+        moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(one[tower]),
+                                                                jax.tree.leaves(before[tower])))
+        assert moved > 0.5 * lr, tower
