@@ -1,14 +1,18 @@
 """Zen Omni as users run it: `zenjax.train --config=configs/omni.py:tiny` on JSONL prompts whose images and WAV files
-are paths relative to the file, from another directory; bad media are one line naming the prompt, exit status 2."""
+are paths relative to the file, from another directory, and from converted HF weights back to HF; bad media are one
+line naming the prompt, exit status 2; the update on a mesh equals one device's."""
 import json
 import wave
 
 import jax
 import numpy as np
+import torch
 from PIL import Image
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerForConditionalGeneration
 
 from configs import omni
-from tests.test_cli import SHORT, _start
+from tests.test_cli import SHORT, _run, _start
+from tests.test_convert_omni import _save_thinker
 from zenjax import sharding
 from zenjax.config import model_config_from, prompt_media
 from zenjax.data import eval_items, load_media
@@ -115,3 +119,25 @@ def test_omni_update_on_a_mesh_equals_one_device():
         moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(one[tower]),
                                                                 jax.tree.leaves(before[tower])))
         assert moved > 0.5 * lr, tower
+
+
+def test_a_converted_thinker_trains_on_media_and_exports_back(tmp_path):
+    """The user's path: an HF thinker -> `convert hf-to-orbax` -> GSPO on image + audio prompts from its weights ->
+    `convert orbax-to-hf` -> transformers loads it, moved by the warm-up and updates only."""
+    ref = _save_thinker(tmp_path / "hf")
+    assert _run(["convert", "hf-to-orbax", "--hf=hf", "--out=weights"], tmp_path)[0] == 0
+    # Its vision patches are 4 pixels: a 32-pixel image is 64 patches, 16 tokens.
+    rc, out, err = _run(["zenjax.train", "--config=configs/omni.py:tiny", "--config.init_from=weights",
+                         "--config.data.image_size=32", "--config.data.max_prompt_len=48", "--workdir=runs/rl", *SHORT,
+                         "--config.rl.sft_steps=1"],
+                        tmp_path)
+    assert rc == 0 and "training from the weights in weights" in out, err[-3000:]
+    rc, _, err = _run(["convert", "orbax-to-hf", "--orbax=runs/rl", "--out=export"], tmp_path)
+    assert rc == 0, err
+    exported = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(tmp_path / "export", dtype=torch.float32)
+    start, end = ref.state_dict(), exported.state_dict()
+    moved = {k: float((end[k] - start[k]).abs().max()) for k in start}
+    # Adam moves a weight by at most lr a step: 3e-3 in the warm-up, and the GSPO steps' warm-up rates are ~0.
+    assert 0 < max(moved.values()) <= 3e-3 + 2 * 3e-4 + 1e-6
+    assert max(v for k, v in moved.items() if ".visual." in k) > 0 and max(v for k, v in moved.items()
+                                                                             if ".audio_tower." in k) > 0

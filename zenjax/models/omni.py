@@ -63,9 +63,9 @@ class OmniConfig:
                 "rope_theta": rope.get("rope_theta", text.get("rope_theta", 1e6)),
                 "tie_word_embeddings": th.get("tie_word_embeddings", False)}
         kw = {} if dtype is None else {"dtype": dtype}
-        kw.update({k: text_overrides[k] for k in ("remat",) if k in text_overrides})  # the towers run as the text
-        vis = VisionConfig.from_hf(th.get("vision_config") or {}, **kw)
-        aud = AudioConfig.from_hf(th.get("audio_config") or {}, **kw)
+        towers = {**kw, **{k: text_overrides[k] for k in ("remat",) if k in text_overrides}}  # run as the text
+        vis = VisionConfig.from_hf(th.get("vision_config") or {}, **towers)
+        aud = AudioConfig.from_hf(th.get("audio_config") or {}, **towers)
         ids = {f.name: th[f.name] for f in dataclasses.fields(MRopeConfig) if f.name in th}
         ends = {k: th[k] for k in ("vision_end_token_id", "audio_end_token_id") if k in th}
         return cls(Qwen3Config.from_hf(text, mrope_section=rope.get("mrope_section", (24, 20, 20)),
