@@ -122,14 +122,15 @@ def test_a_tiny_moe_run_compiles_for_v5p_with_the_tpu_kernels():
 
 
 def test_the_omni_thinker_compiles_for_v5p_with_its_media():
-    """The tiny thinker's three programs on a data x expert mesh, each row's image and audio among the inputs."""
+    """The tiny thinker's update (the old-log-prob pass is its forward) and sampler on a data x expert mesh, each
+    row's image and audio among the inputs."""
     config = omni_config.get_config("tiny")
     config.rl.prompts_per_step, config.rl.group_size, config.rl.minibatches = 4, 4, 1
     config.mesh.update(data=2, expert=2)
-    reports, _, _, too_big = zcompile.run(config, "v5p-8")
-    assert [r.name for r in reports] == ["update", "old_logprobs", "sampler"] and not too_big
+    reports, _, _, too_big = zcompile.run(config, "v5p-8", ("update", "sampler"))
+    assert [r.name for r in reports] == ["update", "sampler"] and not too_big
     assert all(any("ragged-dot" in k for k in r.kernels) for r in reports), [r.kernels for r in reports]
-    assert sum(reports[2].per_iteration.values()) > 0 and sum(reports[2].per_refill.values()) > 0
+    assert sum(reports[1].per_iteration.values()) > 0 and sum(reports[1].per_refill.values()) > 0
 
 
 def test_what_does_not_fit_is_named_with_the_capacity(monkeypatch):

@@ -38,10 +38,12 @@ def _row(i, image=None, audio=None):
             "audios": audio or [f"media/{i % 3}.wav"]}
 
 
-def test_omni_tiny_trains_on_jsonl_media_and_bad_media_are_one_line(tmp_path):
+def test_a_converted_thinker_trains_on_jsonl_media_and_exports_back(tmp_path):
+    """The user's path, from another directory: an HF thinker -> `convert hf-to-orbax` -> GSPO from its weights on
+    JSONL prompts with relative image and WAV paths -> `convert orbax-to-hf` -> transformers loads it, moved by
+    the warm-up and the updates only; and bad media, each one line naming the prompt, exit status 2."""
     good = [_row(i) for i in range(8)]
-    cases = {  # the prompts file -> what the one line says
-        "good": (good, None),
+    bad = {  # the prompts file -> what the one line says
         "missing": (good[:2] + [_row(2, image="media/nope.png")] + good[3:],
                     "prompts.jsonl:3: image 'media/nope.png' ("),
         # Read while training: no held-out prompts, so the first batch meets it.
@@ -51,26 +53,39 @@ def test_omni_tiny_trains_on_jsonl_media_and_bad_media_are_one_line(tmp_path):
                        "data.images=1 and data.audios=1"),
     }
     procs = {}
-    for name, (rows, _) in cases.items():
+    for name, (rows, _) in bad.items():
         (tmp_path / name).mkdir()
         _write_prompts(tmp_path / name, rows)
-        eval_size = 2 if name == "good" else 0
         procs[name] = _start(["zenjax.train", "--config=configs/omni.py:tiny", "--config.data.source=prompts.jsonl",
-                              f"--config.data.eval_size={eval_size}", "--workdir=run", *SHORT,
-                              "--config.rl.sft_steps=1", "--config.rl.prompts_per_step=8"], tmp_path / name)
+                              "--config.data.eval_size=0", "--workdir=run", *SHORT, "--config.rl.sft_steps=1",
+                              "--config.rl.prompts_per_step=8"], tmp_path / name)  # a batch reads every prompt
+    ref = _save_thinker(tmp_path / "hf")
+    _write_prompts(tmp_path, good)
+    assert _run(["convert", "hf-to-orbax", "--hf=hf", "--out=weights"], tmp_path)[0] == 0
+    # Its vision patches are 4 pixels: a 32-pixel image is 64 patches, 16 tokens.
+    rc, out, err = _run(["zenjax.train", "--config=configs/omni.py:tiny", "--config.init_from=weights",
+                         "--config.data.source=prompts.jsonl", "--config.data.eval_size=2", "--config.data.image_size=32",
+                         "--config.data.max_prompt_len=48", "--workdir=runs/rl", *SHORT, "--config.rl.sft_steps=1"],
+                        tmp_path)
+    assert rc == 0 and "training from the weights in weights" in out, err[-3000:]
+    metrics = [json.loads(line) for line in (tmp_path / "runs" / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["completion_len_mean"] > 0 for m in metrics)
+    rc, _, err = _run(["convert", "orbax-to-hf", "--orbax=runs/rl", "--out=export"], tmp_path)
+    assert rc == 0, err
+    exported = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(tmp_path / "export", dtype=torch.float32)
+    start, end = ref.state_dict(), exported.state_dict()
+    moved = {k: float((end[k] - start[k]).abs().max()) for k in start}
+    # Adam moves a weight by at most lr a step: 3e-3 in the warm-up, and the GSPO steps' warm-up rates are ~0.
+    assert 0 < max(moved.values()) <= 3e-3 + 2 * 3e-4 + 1e-6
+    assert max(v for k, v in moved.items() if ".visual." in k) > 0 and max(v for k, v in moved.items()
+                                                                             if ".audio_tower." in k) > 0
     for name, proc in procs.items():
-        out, err = proc.communicate(timeout=600)
-        want = cases[name][1]
-        if want is None:
-            assert proc.returncode == 0, err[-3000:]
-            metrics = [json.loads(line) for line in (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines()]
-            assert [m["step"] for m in metrics] == [1, 2] and all(m["completion_len_mean"] > 0 for m in metrics)
-        else:
-            lines = err.strip().splitlines()
-            assert proc.returncode == 2 and len(lines) == 1 and want in lines[0], (name, err[-3000:])
+        _, err = proc.communicate(timeout=600)
+        lines = err.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and bad[name][1] in lines[0], (name, err[-3000:])
     # What the run read: the PNG as RGB at its own size, the WAV resampled to 16 kHz (cut / padded later).
-    item = load_media({"id": "x", "image_paths": [str(tmp_path / "good" / "media" / "1.png")],
-                       "audio_paths": [str(tmp_path / "good" / "media" / "1.wav")]})
+    item = load_media({"id": "x", "image_paths": [str(tmp_path / "media" / "1.png")],
+                       "audio_paths": [str(tmp_path / "media" / "1.wav")]})
     assert item["images"][0].shape == (48, 56, 3) and item["audios"][0].shape == (4800,)
 
 
@@ -120,24 +135,3 @@ def test_omni_update_on_a_mesh_equals_one_device():
                                                                 jax.tree.leaves(before[tower])))
         assert moved > 0.5 * lr, tower
 
-
-def test_a_converted_thinker_trains_on_media_and_exports_back(tmp_path):
-    """The user's path: an HF thinker -> `convert hf-to-orbax` -> GSPO on image + audio prompts from its weights ->
-    `convert orbax-to-hf` -> transformers loads it, moved by the warm-up and updates only."""
-    ref = _save_thinker(tmp_path / "hf")
-    assert _run(["convert", "hf-to-orbax", "--hf=hf", "--out=weights"], tmp_path)[0] == 0
-    # Its vision patches are 4 pixels: a 32-pixel image is 64 patches, 16 tokens.
-    rc, out, err = _run(["zenjax.train", "--config=configs/omni.py:tiny", "--config.init_from=weights",
-                         "--config.data.image_size=32", "--config.data.max_prompt_len=48", "--workdir=runs/rl", *SHORT,
-                         "--config.rl.sft_steps=1"],
-                        tmp_path)
-    assert rc == 0 and "training from the weights in weights" in out, err[-3000:]
-    rc, _, err = _run(["convert", "orbax-to-hf", "--orbax=runs/rl", "--out=export"], tmp_path)
-    assert rc == 0, err
-    exported = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(tmp_path / "export", dtype=torch.float32)
-    start, end = ref.state_dict(), exported.state_dict()
-    moved = {k: float((end[k] - start[k]).abs().max()) for k in start}
-    # Adam moves a weight by at most lr a step: 3e-3 in the warm-up, and the GSPO steps' warm-up rates are ~0.
-    assert 0 < max(moved.values()) <= 3e-3 + 2 * 3e-4 + 1e-6
-    assert max(v for k, v in moved.items() if ".visual." in k) > 0 and max(v for k, v in moved.items()
-                                                                             if ".audio_tower." in k) > 0

@@ -327,9 +327,6 @@ class PromptLoader:
         while len(batch) < self.batch_size:
             item = load_media(next(self._it))
             fields = self.prepare(item)
-            if not isinstance(fields, dict) or "prompt_ids" not in fields:
-                raise ValueError(f"prepare must return a dict with 'prompt_ids', got {type(fields).__name__} "
-                                 f"{sorted(fields) if isinstance(fields, dict) else ''}")
             ids = fields["prompt_ids"]
             self.stats["seen"] += 1
             if len(ids) > self.max_prompt_len:

@@ -121,15 +121,12 @@ def setup(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
         if config.rl.engine == "continuous" and not config.rl.slots:  # as many as the devices' memory holds
             stats = jax.local_devices()[0].memory_stats() or {}  # CPUs report none: then the whole batch
             config.rl.slots = plan.plan(config, num_devices or jax.device_count(), hbm=stats.get("bytes_limit")).slots
-        media, prepare = prompt_media(config), None
-        if media is not None:
-            prepare = lambda item: media(item, tokenizer)  # noqa: E731
+        media = prompt_media(config)
         # Every process reads the whole batch (the sampler needs the same prompts everywhere) and so holds the
         # same data-iterator state, which then resumes on any number of processes. Each scores its rows.
         loader = PromptLoader(config.data, tokenizer, batch_size=config.rl.prompts_per_step, seed=config.seed,
-                              prepare=prepare)
-        prepare = prepare or (lambda item: {"prompt_ids": tokenizer.encode_prompt(item["prompt"])})
-        held_out = [dict(it, **prepare(it)) for it in eval_items(config.data)]
+                              prepare=None if media is None else lambda item: media(item, tokenizer))
+        held_out = [dict(it, **loader.prepare(it)) for it in eval_items(config.data)]
         held_out = [it for it in held_out if len(it["prompt_ids"]) <= config.data.max_prompt_len]  # as in training
     except (ValueError, KeyError, OSError) as e:
         raise cli.UserError(cli.message(e)) from None
