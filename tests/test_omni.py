@@ -229,8 +229,8 @@ def test_training_rows_match_transformers(hf, ours):
         row = ids[b][mask[b]]
         with torch.no_grad():
             # HF computes multimodal positions only when given an attention mask.
-            logits = hf[0](input_ids=torch.tensor(row[None]), attention_mask=torch.ones((1, len(row)), dtype=torch.long),
-                           pixel_values=torch.tensor(pixels[b]),
+            logits = hf[0](input_ids=torch.tensor(row[None]), pixel_values=torch.tensor(pixels[b]),
+                           attention_mask=torch.ones((1, len(row)), dtype=torch.long),
                            image_grid_thw=torch.tensor([G2]), input_features=torch.tensor(feats[b][None]),
                            feature_attention_mask=torch.ones((1, 77), dtype=torch.long)).logits[0]
         want = torch.log_softmax(logits[:-1].double(), -1).gather(1, torch.tensor(row[1:])[:, None])[:, 0].numpy()

@@ -64,8 +64,8 @@ def test_a_converted_thinker_trains_on_jsonl_media_and_exports_back(tmp_path):
     assert _run(["convert", "hf-to-orbax", "--hf=hf", "--out=weights"], tmp_path)[0] == 0
     # Its vision patches are 4 pixels: a 32-pixel image is 64 patches, 16 tokens.
     rc, out, err = _run(["zenjax.train", "--config=configs/omni.py:tiny", "--config.init_from=weights",
-                         "--config.data.source=prompts.jsonl", "--config.data.eval_size=2", "--config.data.image_size=32",
-                         "--config.data.max_prompt_len=48", "--workdir=runs/rl", *SHORT, "--config.rl.sft_steps=1"],
+                         "--config.data.source=prompts.jsonl", "--config.data.eval_size=2",
+                         "--config.data.image_size=32", "--config.data.max_prompt_len=48", "--workdir=runs/rl", *SHORT, "--config.rl.sft_steps=1"],
                         tmp_path)
     assert rc == 0 and "training from the weights in weights" in out, err[-3000:]
     metrics = [json.loads(line) for line in (tmp_path / "runs" / "rl" / "metrics.jsonl").read_text().splitlines()]
@@ -105,7 +105,8 @@ def _omni_step(mesh_sizes):
              "completion_mask": np.concatenate([np.zeros((4 * G, L - 1)), cmask], 1).astype(np.float32),
              "old_logp": (-4.0 + 0.3 * rng.standard_normal((4 * G, L + M - 1))).astype(np.float32),
              "adv": rng.standard_normal(4 * G).astype(np.float32),
-             "media": jax.tree.map(lambda x: np.repeat(x, G, 0), rollout.media_rows(cfg, items, media.layout, ids, mask))}
+             "media": jax.tree.map(lambda x: np.repeat(x, G, 0),
+                                   rollout.media_rows(cfg, items, media.layout, ids, mask))}
     devices = jax.devices()[:int(np.prod(list(mesh_sizes.values())))] if mesh_sizes else jax.devices()[:1]
     mesh = sharding.make_mesh(**mesh_sizes, devices=devices)
     tx, schedule = make_optimizer(c.optim, 10)

@@ -73,7 +73,8 @@ def sample(model: Qwen3, prompts: Sequence[Sequence[int]], *, slots: int, num_sa
     takes `media` of the prompts as the sampler pads them (to `prompt_len`) and their `layout`."""
     if slots < 1:
         raise ValueError(f"engine: slots={slots} must be >= 1")
-    req = sampling.prepare(model.cfg if media is None else model.cfg.text, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens, rng=rng,
+    cfg = model.cfg if media is None else model.cfg.text  # the decoder's
+    req = sampling.prepare(cfg, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens, rng=rng,
                            temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=eos_ids, pad_id=pad_id,
                            greedy=greedy, prompt_len=prompt_len, cache_len=None, vocab_limit=vocab_limit,
                            budgets=budgets)

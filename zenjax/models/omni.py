@@ -213,7 +213,8 @@ class OmniThinker(nnx.Module):
                 deep_NE = deep_NE or [jnp.zeros_like(x_NE)] * len(out.deepstack)
                 deep_NE = [d.at[slots].set(f.astype(d.dtype)) for d, f in zip(deep_NE, out.deepstack)]
         if input_features is not None:
-            x_NE = x_NE.at[p.audio_slots].set(self.audio_tower(input_features, p.audio, self.cfg.text.rules).astype(x_NE.dtype))
+            audio_VE = self.audio_tower(input_features, p.audio, self.cfg.text.rules)
+            x_NE = x_NE.at[p.audio_slots].set(audio_VE.astype(x_NE.dtype))
         return x_NE.reshape(B, T, E), tuple(d.reshape(B, T, E) for d in deep_NE)
 
     def forward(self, input_ids_BT, mask_BT, p: Placement, *, pixel_values=None, image_grid_thw=None,

@@ -74,7 +74,8 @@ def _encoder_inputs(items: list[dict], layout: RowLayout) -> dict:
 def media_rows(cfg, items: list[dict], layout: RowLayout, ids, mask):
     """`omni.RowMedia` (host numpy) of token rows `ids` / `mask` that hold the items' prompts, one row per item."""
     stack = lambda k, on: np.stack([it[k] for it in items]) if on else None  # noqa: E731
-    return row_media(cfg, ids, mask, layout, stack("pixels", layout.image_grids), stack("features", layout.audio_frames))
+    return row_media(cfg, ids, mask, layout, stack("pixels", layout.image_grids),
+                     stack("features", layout.audio_frames))
 
 
 def _left_padded(items: list[dict], prompt_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
