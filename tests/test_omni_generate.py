@@ -22,7 +22,7 @@ from tests.test_omni import (
 )
 from zenjax import engine
 from zenjax.models.omni import OmniConfig, OmniThinker, RowLayout, from_hf, row_media
-from zenjax.sampling import sample_multimodal
+from zenjax.sampling import sample, sample_multimodal
 
 NEW = 6
 TEXT = 280  # ids below the special tokens: a completion holding a placeholder id would be media to the forward
@@ -90,7 +90,8 @@ def test_samples_share_the_prefill_and_their_logprobs_are_the_models(models, bat
 
 def test_engine_with_media_equals_transformers_generate(models):
     """Three prompts of the rollout layout (one image, one audio each) through 2 slots, 2 samples each: every
-    refill prefills its prompts' media, and each greedy sample equals HF's generation for its prompt."""
+    refill prefills its prompts' media, and each greedy sample equals HF's generation for its prompt; so does the
+    static sampler's."""
     ref, model = models
     rows = [text(n) + vision(G2) + text(2) + audio(77) + text(1) for n in (3, 1, 4)]
     ids, mask, kw, hf_kw = inputs(rows, images=[G2] * 3, audios=[77] * 3)
@@ -106,3 +107,7 @@ def test_engine_with_media_equals_transformers_generate(models):
                                pad_id=PAD, prompt_len=ids.shape[1], vocab_limit=TEXT, media=media, layout=layout)
     assert int(stats["refills"]) == 6 and np.asarray(out.mask).all()
     np.testing.assert_array_equal(np.asarray(out.tokens), np.repeat(want, 2, axis=0))
+    # The static sampler on the same rows: the held-out evaluation's.
+    out = sample(model, rows, max_new_tokens=NEW, rng=None, greedy=True, pad_id=PAD, prompt_len=ids.shape[1],
+                 vocab_limit=TEXT, media=media, layout=layout)
+    np.testing.assert_array_equal(np.asarray(out.tokens), want)

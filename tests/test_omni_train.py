@@ -13,7 +13,7 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3Omni
 from configs import omni
 from tests.test_cli import SHORT, _run, _start
 from tests.test_convert_omni import _save_thinker
-from zenjax import sharding
+from zenjax import sampling, sharding
 from zenjax.config import model_config_from, prompt_media
 from zenjax.data import eval_items, load_media
 from zenjax.rl import rollout
@@ -96,7 +96,7 @@ def _omni_step(mesh_sizes):
     cfg, media = model_config_from(c.model), prompt_media(c)
     items = [dict(it, **media(it, CharTokenizer())) for it in eval_items(c.data)[:4]]
     G, L, M = 2, 24, 3
-    ids, mask = rollout._left_padded(items, L, 0)
+    ids, mask = sampling.left_pad([it["prompt_ids"] for it in items], L, 0)
     rng = np.random.default_rng(0)
     completion = rng.integers(3, 56, (4 * G, M))
     cmask = np.arange(M)[None] < rng.integers(1, M + 1, 4 * G)[:, None]

@@ -142,12 +142,13 @@ def programs(config: ml_collections.ConfigDict, mesh, hbm: float | None = None) 
     replicated = NamedSharding(mesh, P())  # the sampler gets host prompts, as in the trainer
     P_ = rl.prompts_per_step
     sampler_args = (sampler_graphdef, model_state, _sds((P_, prompt_len), jnp.int32, replicated),
-                    _sds((P_, prompt_len), jnp.bool_, replicated), _sds((P_ * rl.group_size,), jnp.int32, replicated),
+                    _sds((P_, prompt_len), jnp.bool_, replicated), media_of(P_, replicated),
+                    _sds((P_ * rl.group_size,), jnp.int32, replicated),
                     jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated),
                     _sds((), jnp.float32, replicated), _sds((), jnp.float32, replicated),
                     _sds((), jnp.int32, replicated))
-    sampler_kw = dict(num_samples=rl.group_size, max_new=rl.max_new_tokens, greedy=False, top_k=rl.top_k,
-                      use_top_p=rl.top_p < 1, eos_ids=(0,), vocab_limit=None)
+    sampler_kw = dict(layout=layout, num_samples=rl.group_size, max_new=rl.max_new_tokens, greedy=False,
+                      top_k=rl.top_k, use_top_p=rl.top_p < 1, eos_ids=(0,), vocab_limit=None)
     # In HBM all along, outside some programs' arguments: the optimizer state, the KL reference's weights, and
     # while the rollout copy decodes, the training weights.
     ref = plan.device_bytes(abs_params) if rl.kl_coef > 0 else 0
@@ -158,11 +159,6 @@ def programs(config: ml_collections.ConfigDict, mesh, hbm: float | None = None) 
         sampler = engine._run
         sampler_kw["slots"] = plan.rollout_slots(config, dict(mesh.shape), plan.device_bytes(abs_params) + opt + copy,
                                                  hbm)
-        sampler_kw["layout"] = layout
-        sampler_args = sampler_args[:4] + (media_of(P_, replicated),) + sampler_args[4:]
-    elif layout is not None:
-        raise cli.UserError("the compile tool compiles an Omni thinker's sampler as the continuous engine: "
-                            "--config.rl.engine=continuous")
     else:
         sampler_kw["cache_len"] = T
     return {

@@ -118,20 +118,13 @@ def _run(graphdef, state, prompt_PL, pmask_PL, media, budget_N, rng, temperature
     def prefill(start_n):
         """Each shard's prompts [start, start + R) of its own, all at once."""
         rows = (shard_n[:, None] * P_l + start_n[:, None] + jnp.arange(R)).reshape(-1)
-        empty = KVCache.init(cfg, n * R, Lp)
-        if media is None:
-            out = model.hidden(prompt_PL[rows], pmask_PL[rows], cache=empty)
-        else:
-            out = thinker.hidden_rows(prompt_PL[rows], pmask_PL[rows], jax.tree.map(lambda a: a[rows], media), layout,
-                                      cache=empty)
+        out, start_B = sampling.prefill(thinker, prompt_PL[rows], pmask_PL[rows], KVCache.init(cfg, n * R, Lp),
+                                        jax.tree.map(lambda a: a[rows], media), layout)
         kv = out.cache.unstack() if unstack else out.cache
         # Laid out as the cache it is copied into (row-major): XLA would otherwise give the refill loop's cache the
         # prefill's layout and convert the whole cache between it and the decode loop's at every refill.
         row_major = lambda a: with_layout_constraint(a, Layout(tuple(range(a.ndim))))  # noqa: E731
         layers = tuple(LayerCache(row_major(c.k), row_major(c.v)) for c in kv.layers)
-        start_B = jnp.sum(kv.valid_BS, axis=1, dtype=jnp.int32)  # a prompt's first new token's position
-        if media is not None:
-            start_B = start_B + media.deltas_B[rows].astype(jnp.int32)
         return Prefill(layers, kv.valid_BS, model.logits(out.hidden_BTE[:, -1:])[:, 0], start_B)
 
     def by_shard(x, axis):
@@ -199,10 +192,7 @@ def _run(graphdef, state, prompt_PL, pmask_PL, media, budget_N, rng, temperature
     def step(c):
         """One decode step of every slot; tokens of slots without a running sequence are discarded."""
         s = c.slots
-        pos_S1 = s.pos_S[:, None]
-        if cfg.mrope_section:  # time, row and column positions agree after the prompt
-            pos_S1 = jnp.broadcast_to(pos_S1, (3, *pos_S1.shape))
-        out = model.hidden(s.tok_S[:, None], positions_BT=pos_S1, cache=c.cache, layers=layers)
+        out = model.hidden(s.tok_S[:, None], positions_BT=s.pos_S[:, None], cache=c.cache, layers=layers)
         tok_S, logp_S = pick(model.logits(out.hidden_BTE)[:, 0], jax.random.fold_in(rng_decode, c.stats["decode_steps"]))
         recorded = record(c.out, jnp.where(s.live_S, s.seq_S, N), s.t_S, tok_S, logp_S)
         done_S = jnp.isin(tok_S, eos) | (s.t_S + 1 >= budget_N[s.seq_S])

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from zenjax.models.omni import OmniThinker, placement
+from zenjax.models.omni import OmniThinker, RowLayout, RowMedia, placement
 from zenjax.models.qwen3 import KVCache, LayerCache, Qwen3
 from zenjax.sharding import constrain
 
@@ -48,7 +48,8 @@ def sample(model: Qwen3, prompts: Sequence[Sequence[int]], *, num_samples: int =
            rng: jax.Array | None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            eos_ids: Sequence[int] = (), pad_id: int = 0, greedy: bool = False,
            prompt_len: int | None = None, cache_len: int | None = None,
-           vocab_limit: int | None = None, budgets: Sequence[int] | None = None) -> SampleOutput:
+           vocab_limit: int | None = None, budgets: Sequence[int] | None = None, media: RowMedia | None = None,
+           layout: RowLayout | None = None) -> SampleOutput:
     """Generate `num_samples` completions of up to `max_new_tokens` tokens for each prompt.
 
     Sampling draws from softmax(logits / temperature) restricted to the `top_k` most likely tokens (0 = all)
@@ -57,18 +58,22 @@ def sample(model: Qwen3, prompts: Sequence[Sequence[int]], *, num_samples: int =
     rounded up to a multiple of BUCKET) and `cache_len` fixes the KV-cache length (default: padded prompt +
     max_new_tokens), so that callers with varying prompt lengths share one compiled function. `vocab_limit` (the tokenizer's size)
     keeps ids the model's padded vocabulary has but the tokenizer lacks from being sampled. `budgets` (one per
-    returned row, each in [1, max_new_tokens]) ends rows earlier than `max_new_tokens`.
+    returned row, each in [1, max_new_tokens]) ends rows earlier than `max_new_tokens`. An Omni thinker takes
+    `media` of the prompts as they are padded here (`omni.RowMedia`, every prompt's media of one `layout`; for
+    media of any sizes, `sample_multimodal`).
 
     One compilation serves every call with the same model structure, padded shapes and static settings
     (num_samples, max_new_tokens, cache_len, greedy, top_k, whether top_p < 1, eos_ids); weights, rng,
     temperature, top_p and budgets are traced values. The cache is allocated inside the jitted function and
     carried by the loop, so there is nothing to donate.
     """
-    req = prepare(model.cfg, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens, rng=rng,
-                  temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=eos_ids, pad_id=pad_id, greedy=greedy,
-                  prompt_len=prompt_len, cache_len=cache_len, vocab_limit=vocab_limit, budgets=budgets)
+    req = prepare(model.cfg if media is None else model.cfg.text, prompts, num_samples=num_samples,
+                  max_new_tokens=max_new_tokens, rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
+                  eos_ids=eos_ids, pad_id=pad_id, greedy=greedy, prompt_len=prompt_len, cache_len=cache_len,
+                  vocab_limit=vocab_limit, budgets=budgets)
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, req.prompt_PL, req.pmask_PL, req.budget_N, req.rng, *req.traced, **req.static)
+    return _generate(graphdef, state, req.prompt_PL, req.pmask_PL, media, req.budget_N, req.rng, *req.traced,
+                     layout=layout, **req.static)
 
 
 _TRACED_MEDIA = ("pixel_values", "pixel_values_videos", "input_features")
@@ -153,16 +158,31 @@ def prepare(cfg, prompts: Sequence[Sequence[int]], *, num_samples: int, max_new_
                          f"cache_len={cache_len}")
     Lp = min(padded, cache_len - max_new_tokens)
 
-    tokens_PL = np.full((len(prompts), Lp), pad_id, np.int32)
-    mask_PL = np.zeros((len(prompts), Lp), bool)
-    for i, p in enumerate(prompts):
-        tokens_PL[i, Lp - len(p):] = p
-        mask_PL[i, Lp - len(p):] = True
+    tokens_PL, mask_PL = left_pad(prompts, Lp, pad_id)
     traced = (jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p), jnp.int32(pad_id))
     static = dict(num_samples=num_samples, max_new=max_new_tokens, cache_len=cache_len, greedy=greedy,
                   top_k=0 if greedy else top_k, use_top_p=not greedy and top_p < 1, eos_ids=eos_ids,
                   vocab_limit=None if vocab_limit is None or vocab_limit >= V else int(vocab_limit))
     return Request(tokens_PL, mask_PL, budget_N, jax.random.key(0) if rng is None else rng, traced, static)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows [P, length] int32, each prompt at the end of its row, and the mask of its tokens."""
+    tokens_PL, mask_PL = np.full((len(prompts), length), pad_id, np.int32), np.zeros((len(prompts), length), bool)
+    for i, p in enumerate(prompts):
+        tokens_PL[i, length - len(p):], mask_PL[i, length - len(p):] = p, True
+    return tokens_PL, mask_PL
+
+
+def prefill(model, prompt_BL, mask_BL, cache: KVCache, media: RowMedia | None = None, layout: RowLayout | None = None):
+    """The prompts' prefill into an empty `cache` and the position of each prompt's first new token. With `media`
+    (an Omni thinker's prompts, `omni.RowMedia` of the `layout`) the encoders run first and the positions continue
+    at the text index + rope delta."""
+    start_B = jnp.sum(mask_BL, axis=1, dtype=jnp.int32)
+    if media is None:
+        return model.hidden(prompt_BL, mask_BL, cache=cache), start_B
+    out = model.hidden_rows(prompt_BL, mask_BL, media, layout, cache=cache)
+    return out, start_B + media.deltas_B.astype(jnp.int32)
 
 
 def pick(logits_NV, key, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool,
@@ -251,12 +271,13 @@ def _nucleus(probs_NV, top_p):
 _STATIC = ("num_samples", "max_new", "cache_len", "greedy", "top_k", "use_top_p", "eos_ids", "vocab_limit")
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", *_STATIC))
-def _generate(graphdef, state, prompt_PL, pmask_PL, budget_N, rng, temperature, top_p, pad_id, *, num_samples, max_new,
-              cache_len, greedy, top_k, use_top_p, eos_ids, vocab_limit):
-    model = nnx.merge(graphdef, state)
-    out = model.hidden(prompt_PL, pmask_PL, cache=KVCache.init(model.cfg, prompt_PL.shape[0], cache_len))
-    start_P = pmask_PL.sum(axis=1, dtype=jnp.int32)  # position of the first new token
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout", *_STATIC))
+def _generate(graphdef, state, prompt_PL, pmask_PL, media, budget_N, rng, temperature, top_p, pad_id, *, layout,
+              num_samples, max_new, cache_len, greedy, top_k, use_top_p, eos_ids, vocab_limit):
+    thinker = nnx.merge(graphdef, state)
+    model = thinker if media is None else thinker.text  # the decoder
+    out, start_P = prefill(thinker, prompt_PL, pmask_PL, KVCache.init(model.cfg, prompt_PL.shape[0], cache_len), media,
+                           layout)
     return _decode(model, out, start_P, prompt_PL, pmask_PL, budget_N, rng, temperature, top_p, pad_id,
                    num_samples=num_samples, max_new=max_new, greedy=greedy, top_k=top_k, use_top_p=use_top_p,
                    eos_ids=eos_ids, vocab_limit=vocab_limit)
@@ -266,7 +287,7 @@ def _decode(model: Qwen3, out, start_P, prompt_PL, pmask_PL, budget_N, rng, temp
             num_samples, max_new, greedy, top_k, use_top_p, eos_ids, vocab_limit) -> SampleOutput:
     """From the prefill's output (hidden states and cache of the P prompts) and the position of each prompt's
     first new token, repeat the rows `num_samples` times and decode in a while loop. The token emitted at step t
-    is at position start + t, on all three rows of multimodal RoPE."""
+    is at position start + t (on all three rows of multimodal RoPE)."""
     P, _ = prompt_PL.shape
     N = P * num_samples
     rep = functools.partial(jnp.repeat, repeats=num_samples)
@@ -302,10 +323,7 @@ def _decode(model: Qwen3, out, start_P, prompt_PL, pmask_PL, budget_N, rng, temp
 
     def body(carry):
         t, cache, tok_N, done_N, tokens_NM, mask_NM, logp_NM = carry
-        pos_N1 = (next_pos_N + t - 1)[:, None]
-        if model.cfg.mrope_section:  # time, row and column positions agree after the prompt
-            pos_N1 = jnp.broadcast_to(pos_N1, (3, *pos_N1.shape))
-        out = model.hidden(tok_N[:, None], positions_BT=pos_N1, cache=cache, layers=layers)
+        out = model.hidden(tok_N[:, None], positions_BT=(next_pos_N + t - 1)[:, None], cache=cache, layers=layers)
         logits_NV = model.logits(out.hidden_BTE)[:, 0]
         return (t + 1, out.cache, *emit(t, logits_NV, done_N, tokens_NM, mask_NM, logp_NM))
 

@@ -443,15 +443,15 @@ class Qwen3(nnx.Module):
         `unstack_layers`, with an unstacked cache) runs the layers one by one instead of scanning the stacks.
         `embeds_BTE` replaces the token embeddings (tokens_BT is then None); `deepstack` [B, T, E] arrays are added
         to the hidden states after layers 0, 1, ... (the Omni thinker's visual features, zero elsewhere).
-        With `mrope_section`, positions are [3, B, T]."""
+        With `mrope_section`, positions are [3, B, T], or [B, T] for text (the same on the three rows)."""
         cfg = self.cfg
         x = self.embed_tokens(tokens_BT) if embeds_BTE is None else embeds_BTE.astype(jnp.dtype(cfg.dtype))
         B, T = x.shape[:2]
         mask_BT = jnp.ones((B, T), bool) if mask_BT is None else mask_BT.astype(bool)
         if positions_BT is None:
             positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
-            if cfg.mrope_section:  # text only: time, row and column positions agree
-                positions_BT = jnp.broadcast_to(positions_BT, (3, B, T))
+        if cfg.mrope_section and positions_BT.ndim == 2:  # text: time, row and column positions agree
+            positions_BT = jnp.broadcast_to(positions_BT, (3, B, T))
         if len(deepstack) > cfg.num_layers:
             raise ValueError(f"{len(deepstack)} deepstack additions for {cfg.num_layers} layers")
         index = valid_BS = None

@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from zenjax import engine, sampling
-from zenjax.models.omni import RowLayout, row_media
+from zenjax.models.omni import RowLayout, RowMedia, row_media
 from zenjax.rl import losses, rewards
 
 
@@ -60,31 +60,12 @@ def _own_rows(x: jax.Array, rows: np.ndarray) -> np.ndarray:
     return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])[pos]
 
 
-def _encoder_inputs(items: list[dict], layout: RowLayout) -> dict:
-    """The items' media as one call of the thinker takes them (`sampling.sample_multimodal`'s `media`)."""
-    P, media = len(items), {}
-    if layout.image_grids:
-        media.update(pixel_values=np.concatenate([it["pixels"] for it in items]), image_grid_thw=layout.image_grids * P)
-    if layout.audio_frames:
-        media.update(input_features=np.concatenate([it["features"] for it in items], axis=1),
-                     feature_lens=layout.audio_frames * P)
-    return media
-
-
 def media_rows(cfg, items: list[dict], layout: RowLayout, ids, mask):
-    """`omni.RowMedia` (host numpy) of token rows `ids` / `mask` that hold the items' prompts, one row per item."""
+    """`omni.RowMedia` (host numpy) of token rows `ids` / `mask` that hold the items' prompts, one row per item
+    (left-padded prompts as the sampler takes them: `sampling.left_pad`)."""
     stack = lambda k, on: np.stack([it[k] for it in items]) if on else None  # noqa: E731
     return row_media(cfg, ids, mask, layout, stack("pixels", layout.image_grids),
                      stack("features", layout.audio_frames))
-
-
-def _left_padded(items: list[dict], prompt_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """The prompts as the sampler pads them."""
-    ids, mask = np.full((len(items), prompt_len), pad_id, np.int32), np.zeros((len(items), prompt_len), bool)
-    for i, it in enumerate(items):
-        start = prompt_len - len(it["prompt_ids"])
-        ids[i, start:], mask[i, start:] = it["prompt_ids"], True
-    return ids, mask
 
 
 def _rows_like(x: np.ndarray, like: jax.Array) -> jax.Array:
@@ -97,25 +78,24 @@ def _rows_like(x: np.ndarray, like: jax.Array) -> jax.Array:
 
 
 def generate(model, items: list[dict], tokenizer, rl, rng: jax.Array, *, num_samples: int, prompt_len: int,
-             greedy: bool = False, engine_name: str | None = None,
-             layout: RowLayout | None = None) -> tuple[sampling.SampleOutput, dict[str, int]]:
+             greedy: bool = False, engine_name: str | None = None, layout: RowLayout | None = None,
+             media: RowMedia | None = None) -> tuple[sampling.SampleOutput, dict[str, int]]:
     """Completions of the same `items` on every process, on device (rows over the batch axes), finished, and the
     continuous engine's counters (none for the static sampler). Prompts are padded to `prompt_len` tokens, so
     that the sampler and the training functions compile once per run. `engine_name` overrides rl.engine.
-    An Omni thinker's items carry their media of the run's `layout` ("pixels", "features")."""
+    An Omni thinker's items carry their media of the run's `layout` ("pixels", "features"); `media` are their
+    `media_rows` at `prompt_len`, made here when not given."""
     kw = dict(num_samples=num_samples, max_new_tokens=rl.max_new_tokens, rng=rng, temperature=rl.temperature,
               top_k=rl.top_k, top_p=rl.top_p, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id, greedy=greedy,
               prompt_len=prompt_len, vocab_limit=tokenizer.vocab_size)
     prompts = [it["prompt_ids"] for it in items]
+    if layout is not None:
+        if media is None:
+            media = media_rows(model.cfg, items, layout, *sampling.left_pad(prompts, prompt_len, tokenizer.pad_id))
+        kw.update(media=media, layout=layout)
     if (engine_name or rl.engine) == "static":
-        if layout is not None:
-            return jax.block_until_ready(sampling.sample_multimodal(model, prompts, _encoder_inputs(items, layout),
-                                                                    **kw)), {}
         return jax.block_until_ready(sampling.sample(model, prompts, **kw)), {}
     slots = min(rl.slots or len(prompts) * num_samples, len(prompts) * num_samples)  # 0: one slot per row
-    if layout is not None:
-        kw.update(media=media_rows(model.cfg, items, layout, *_left_padded(items, prompt_len, tokenizer.pad_id)),
-                  layout=layout)
     out, stats = engine.sample(model, prompts, slots=slots, **kw)
     return jax.block_until_ready(out), {"slots": slots, **{k: int(v) for k, v in stats.items()}}
 
@@ -169,12 +149,16 @@ def collect(model, items: list[dict], tokenizer, rl, reward_weights: dict[str, f
     if len(rows) % G or not np.array_equal(rows, (rows[::G, None] // G * G + np.arange(G)).ravel()):
         raise ValueError(f"rollout rows must be whole groups of {G}: each process scores its own prompts")
     t0 = time.perf_counter()
-    out, counters = generate(model, items, tokenizer, rl, rng, num_samples=G, prompt_len=prompt_len, layout=layout)
+    media = None
+    if layout is not None:
+        ids, mask = sampling.left_pad([it["prompt_ids"] for it in items], prompt_len, tokenizer.pad_id)
+        media = media_rows(model.cfg, items, layout, ids, mask)
+    out, counters = generate(model, items, tokenizer, rl, rng, num_samples=G, prompt_len=prompt_len, layout=layout,
+                             media=media)
     t1 = time.perf_counter()
     batch = sequences(out)
-    if layout is not None:  # each row's media, for the log-prob and update passes
-        m = media_rows(model.cfg, items, layout, *_left_padded(items, prompt_len, tokenizer.pad_id))
-        batch["media"] = jax.tree.map(lambda x: _rows_like(np.repeat(x, G, axis=0), out.tokens), m)
+    if media is not None:  # each row's media, for the log-prob and update passes
+        batch["media"] = jax.tree.map(lambda x: _rows_like(np.repeat(x, G, axis=0), out.tokens), media)
     if overlap is not None:
         batch.update(overlap(batch))
     mine = sampling.SampleOutput(*(_own_rows(x, rows) for x in out))
