@@ -253,24 +253,11 @@ def entries(cfg: AudioConfig, prefix: str = "thinker.audio_tower.") -> Iterator[
 
 
 def from_hf(cfg: AudioConfig, tensors: Mapping[str, np.ndarray], prefix: str = "thinker.audio_tower.") -> dict:
-    """An nnx pure dict (for `nnx.update(encoder, ...)`) from HF tensors named `prefix + <HF name>`; every tensor
-    under `prefix` must be used, and each parameter's shape must match `cfg`."""
-    plan = list(entries(cfg, prefix))
-    for e in plan:
-        if e.hf_keys[0] not in tensors:
-            raise ValueError(f"HF tensor {e.hf_keys[0]!r} is missing (needed for {'/'.join(map(str, e.path))})")
-    used = {e.hf_keys[0] for e in plan}
-    unused = sorted(k for k in tensors if k.startswith(prefix) and k not in used)
-    if unused:
-        raise ValueError(f"HF tensors under {prefix!r} that the audio encoder does not use: {unused[:5]}")
-    out = hf.gather(plan, tensors)
-    abstract = dict(nnx.to_flat_state(nnx.state(nnx.eval_shape(lambda: AudioEncoder(cfg, rngs=nnx.Rngs(0))))))
-    for e in plan:
-        want, value = abstract[e.path].get_value().shape, hf.lookup(out, e.path)
-        if value.shape != want:
-            raise ValueError(f"HF tensor {e.hf_keys[0]!r} gives {'/'.join(e.path)} shape {value.shape}, "
-                             f"expected {want}")
-    return out
+    """An nnx pure dict of numpy arrays in cfg.param_dtype (for `nnx.update(encoder, ...)`) from HF tensors named
+    `prefix + <HF name>`; every tensor under `prefix` must be used, and each parameter's shape must match `cfg`."""
+    module = nnx.eval_shape(lambda: AudioEncoder(cfg, rngs=nnx.Rngs(0)))
+    return hf.gather_tower(list(entries(cfg, prefix)), tensors, prefix, "audio tower", module,
+                           jnp.dtype(cfg.param_dtype))
 
 
 def to_hf(cfg: AudioConfig, params: Mapping[str, Any], prefix: str = "thinker.audio_tower.") -> dict[str, np.ndarray]:

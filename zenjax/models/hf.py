@@ -191,6 +191,29 @@ def gather(plan: Iterable[Entry], tensors: Mapping[str, np.ndarray], dtype=None)
     return out
 
 
+def gather_tower(plan: list[Entry], tensors: Mapping[str, np.ndarray], prefix: str, what: str, module: nnx.Module,
+                 dtype=None) -> dict:
+    """`gather` of one tower of a checkpoint that holds others: every tensor of `plan` present, every tensor under
+    `prefix` used, and each parameter of `module` (abstract: `nnx.eval_shape`) the shape it gathers to."""
+    used = {k for e in plan for k in e.hf_keys}
+    missing = sorted(used - set(tensors))
+    if missing:
+        raise ValueError(f"HF tensor {missing[0]!r} is missing for the {what}"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    extra = sorted(k for k in tensors if k.startswith(prefix) and k not in used)
+    if extra:
+        raise ValueError(f"{len(extra)} HF tensors under {prefix!r} are not part of this {what} (unused): "
+                         f"{extra[:10]}")
+    out = gather(plan, tensors, dtype)
+    want = dict(nnx.to_flat_state(nnx.state(module)))
+    bad = [f"{e.hf_keys[0]!r} gives {'/'.join(map(str, e.path))} shape {lookup(out, e.path).shape}, expected "
+           f"{want[e.path].get_value().shape}" for e in plan
+           if lookup(out, e.path).shape != want[e.path].get_value().shape]
+    if bad:
+        raise ValueError(f"HF tensors of the wrong shape for the {what}: " + "; ".join(sorted(set(bad))[:10]))
+    return out
+
+
 def scatter(plan: Iterable[Entry], params: Mapping) -> dict[str, np.ndarray]:
     """Inverse of `gather`: HF tensors by name from a pure dict, dtypes unchanged."""
     params = jax.tree.map(np.asarray, params)  # once, not once per layer slice

@@ -393,15 +393,9 @@ def entries(cfg: VisionConfig, prefix: str = "thinker.visual.") -> Iterator[hf.E
 def from_hf(cfg: VisionConfig, tensors: Mapping[str, np.ndarray], prefix: str = "thinker.visual.") -> dict:
     """The tower's HF tensors (hub names, e.g. `thinker.visual.blocks.0.attn.qkv.weight`) as an nnx pure dict of
     numpy arrays in cfg.param_dtype, for `nnx.update(encoder, ...)`. Every tensor under `prefix` must be used."""
-    plan = list(entries(cfg, prefix))
-    used = {k for e in plan for k in e.hf_keys}
-    missing = [k for e in plan for k in e.hf_keys if k not in tensors]
-    if missing:
-        raise ValueError(f"missing HF tensor {missing[0]!r} for the vision tower")
-    extra = sorted(k for k in tensors if k.startswith(prefix) and k not in used)
-    if extra:
-        raise ValueError(f"{len(extra)} HF tensors under {prefix!r} are not part of this vision tower: {extra[:10]}")
-    return hf.gather(plan, tensors, jnp.dtype(cfg.param_dtype))
+    module = nnx.eval_shape(lambda: VisionEncoder(cfg, rngs=nnx.Rngs(0)))
+    return hf.gather_tower(list(entries(cfg, prefix)), tensors, prefix, "vision tower", module,
+                           jnp.dtype(cfg.param_dtype))
 
 
 def to_hf(cfg: VisionConfig, params: Mapping, prefix: str = "thinker.visual.") -> dict[str, np.ndarray]:
