@@ -142,12 +142,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     cfg = model_config_from(config.model)
     rl = config.rl
     main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    if main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(cfg.to_hf(), f, indent=1)
-        with open(os.path.join(workdir, "run_config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=1))
+    with storage.writing(workdir):
+        os.makedirs(workdir, exist_ok=True)
+        if main:
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                json.dump(cfg.to_hf(), f, indent=1)
+            with open(os.path.join(workdir, "run_config.json"), "w") as f:
+                f.write(config.to_json_best_effort(indent=1))
     mesh = sharding.make_mesh(**config.mesh)
     updates_per_step = rl.minibatches
     tx, schedule = make_optimizer(config.optim, config.steps * updates_per_step // config.optim.grad_accum)
