@@ -110,6 +110,9 @@ def test_a_full_disk_at_each_writer_stops_at_once_and_the_same_run_resumes_exact
     _assert_same_run(workdir, reference)
     # Four runs wrote TensorBoard events; each step is there once, as in the uninterrupted run.
     assert _events(workdir / "tb") == _events(reference / "tb")
+    # A run with no steps left still draws the report.
+    (workdir / "report.png").unlink()
+    assert train.train(config, str(workdir)) == [] and (workdir / "report.png").exists()
 
 
 def _meta_digit(workdir):
