@@ -247,6 +247,7 @@ def install_signal_handlers(signals=(signal.SIGTERM, signal.SIGINT)) -> Callable
                 signal.signal(s, handle)
         return bool(_gather(bool(received)).any())
 
+    storage.stop_watching()
     previous = {s: signal.signal(s, handle) for s in signals}
     return should_stop
 

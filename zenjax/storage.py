@@ -30,6 +30,7 @@ _TENSORSTORE_ERRNO = re.compile(r"os_error_code='(\d+)'")
 
 _in_flight: dict[int, tuple[str, float, float]] = {}  # id -> (path, start time, patience)
 _lock = threading.Lock()
+_watching = [0]  # the generation of stop signals watched; stop_watching() ends the watchdogs of earlier ones
 
 
 class WriteError(cli.UserError):
@@ -81,8 +82,10 @@ def writing(path: str, patience: float = 5.0):
 def exit_if_blocked(signum: int) -> None:
     """Started by a stop signal: a daemon thread that ends the process (status 128 + signum, one line) once a
     write has been in flight past its patience; the main thread may be stuck in that write, unable to stop."""
+    generation = _watching[0]
+
     def watch():
-        while True:
+        while generation == _watching[0]:
             now = time.monotonic()
             with _lock:
                 stuck = [(path, now - t0) for path, t0, patience in _in_flight.values() if now - t0 > patience]
@@ -95,3 +98,8 @@ def exit_if_blocked(signum: int) -> None:
             time.sleep(0.5)
 
     threading.Thread(target=watch, name="zenjax-stop-watchdog", daemon=True).start()
+
+
+def stop_watching() -> None:
+    """Ends the watchdogs of earlier stop signals (a run in the same process that then stopped)."""
+    _watching[0] += 1

@@ -253,7 +253,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     if main and not stopping:  # also when a resumed run had no steps left
         from zenjax import report  # noqa: PLC0415 - matplotlib only when a run finishes
 
-        with storage.writing(os.path.join(workdir, "report.png")):
+        with storage.writing(os.path.join(workdir, "report.png"), patience=60):  # it draws as well
             writer.log(f"wrote {report.plot(workdir)}")
     return history
 
