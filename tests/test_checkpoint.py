@@ -178,6 +178,9 @@ DAMAGE = {
     "deleted_data_files": lambda d: [p.unlink() for p in (d / "opt_state").rglob("d/*")],
     "missing_item": lambda d: shutil.rmtree(d / "opt_state"),
     "garbage_meta": lambda d: (d / "meta" / "metadata").write_text('{"step": 2, "rng'),
+    # Still valid JSON, and the array checksums still hold: only the meta digest sees it.
+    "changed_meta_digit": lambda d: (d / "meta" / "metadata").write_text(
+        (d / "meta" / "metadata").read_text().replace('"index": 34', '"index": 35', 1)),
     "flipped_bit": _flip_bit,  # Orbax reads this back as is
 }
 

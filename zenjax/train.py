@@ -6,6 +6,7 @@ at the end and on SIGTERM/SIGINT; a restart with the same workdir resumes exactl
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -20,7 +21,7 @@ import numpy as np
 from absl import flags
 from absl import logging as absl_logging
 
-from zenjax import cli, distributed, hostmem, plan, sharding
+from zenjax import cli, distributed, hostmem, plan, sharding, storage
 from zenjax.checkpoint import Checkpointer, frozen_reference, install_signal_handlers
 from zenjax.config import logprob_rows, model_config_from, prompt_media, validate
 from zenjax.data import PromptLoader, eval_items
@@ -141,12 +142,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     cfg = model_config_from(config.model)
     rl = config.rl
     main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    if main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(cfg.to_hf(), f, indent=1)
-        with open(os.path.join(workdir, "run_config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=1))
+    with storage.writing(workdir):
+        os.makedirs(workdir, exist_ok=True)
+        if main:
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                json.dump(cfg.to_hf(), f, indent=1)
+            with open(os.path.join(workdir, "run_config.json"), "w") as f:
+                f.write(config.to_json_best_effort(indent=1))
     mesh = sharding.make_mesh(**config.mesh)
     updates_per_step = rl.minibatches
     tx, schedule = make_optimizer(config.optim, config.steps * updates_per_step // config.optim.grad_accum)
@@ -158,7 +160,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     key = jax.random.key(config.seed)
     rows = sharding.batch_rows(mesh, rl.prompts_per_step * rl.group_size)
 
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), contextlib.ExitStack() as cleanup:
         graphdef, abs_params, abs_opt, param_sh, opt_sh = abstract_state(cfg, tx, mesh, config.seed)
         restored = ckpt.restore(abs_params, abs_opt)
         if restored is not None:
@@ -174,6 +176,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                 note = f"training from the weights in {config.init_from}, in {workdir}"
             state = init_state(cfg, tx, mesh, config.seed, params)
         writer = MetricsWriter(workdir, config.steps, start, enabled=main)
+        cleanup.callback(writer.close)  # also on an error: its line then starts below the progress bar
         writer.log(f"{note}, on {mesh.size} {mesh.devices.flat[0].platform} device(s)")
         logprobs_fn, update_fn = make_functions(state, cfg, tx, hyper, mesh, schedule, s.layout)
         # Decoding reads a compute-dtype copy in the rollout layout, or (rl.rollout_copy=False) the training state.
@@ -247,11 +250,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                 break
         ckpt.wait()
         ckpt.close()
-        writer.close()
-    if main and history and not stopping:
+    if main and not stopping:  # also when a resumed run had no steps left
         from zenjax import report  # noqa: PLC0415 - matplotlib only when a run finishes
 
-        writer.log(f"wrote {report.plot(workdir)}")
+        with storage.writing(os.path.join(workdir, "report.png"), patience=60):  # it draws as well
+            writer.log(f"wrote {report.plot(workdir)}")
     return history
 
 
