@@ -1,5 +1,6 @@
 import gc
 import inspect
+import json
 import logging
 import os
 import shutil
@@ -205,6 +206,18 @@ def test_damaged_latest_step_falls_back_to_the_previous_one(tmp_path, caplog, da
     assert [p.name.split("-")[0] for p in ckpt_dir.glob("2.corrupt-*")] == ["2.corrupt"]
     _saved(tmp_path, [2])
     _assert_identical(_restore(tmp_path)[1], _state(2)[0])
+
+
+def test_a_step_saved_before_meta_checksums_still_resumes(tmp_path, caplog):
+    """Checkpoints of runs started before the meta digest existed stay restorable (with a warning)."""
+    ckpt_dir = _saved(tmp_path, [1, 2])
+    sums = ckpt_dir / "2" / "checksums" / "metadata"
+    sums.write_text(json.dumps({k: v for k, v in json.loads(sums.read_text()).items() if k != "meta"}))
+    with caplog.at_level(logging.WARNING, logger="zenjax.checkpoint"):
+        step, params, _, meta = _restore(tmp_path)
+    assert step == 2 and meta == _state(2)[2]
+    _assert_identical(params, _state(2)[0])
+    assert any("predates meta checksums" in r.getMessage() for r in caplog.records)
 
 
 def test_flipped_bit_is_caught_by_the_checksum_not_by_orbax(tmp_path):

@@ -197,7 +197,10 @@ class Checkpointer:
         for name in ("params", "opt_state"):
             if name in items:
                 _verify(restored[name], restored["checksums"][name], name)
-        if restored["checksums"].get("meta") != _digest(step, restored["meta"]):
+        digest = restored["checksums"].get("meta")
+        if digest is None:  # written before meta was fingerprinted: still a run the user wants to resume
+            log.warning("checkpoint step %d predates meta checksums: its data position is restored unverified", step)
+        elif digest != _digest(step, restored["meta"]):
             raise CheckpointError("meta does not match its checksum: the data is damaged")
         # Without arrays (None, or plain SGD's state) the abstract tree is the value.
         opt_state = restored["opt_state"] if "opt_state" in items else abstract_opt_state
