@@ -158,18 +158,19 @@ def _main():
                   "move_mount /dev/" + name.decode())  # MOVE_MOUNT_F_EMPTY_PATH
             os.close(fd)
         setattr_(b"/dev", 0x1, 0)  # the tmpfs under the four nodes: read-only
-        if os.path.isdir("/run"):
-            mount(b"tmpfs", b"/run", b"tmpfs", 0x1 | 0x2 | 0x4 | 0x8, b"size=4k,mode=0755")
+        # /run: the host daemons' sockets out of sight, and our place for the program's stdout and stderr (a
+        # quota of their own: a program that fills its disk can still say why)
+        mount(b"tmpfs", b"/run", b"tmpfs", 0x2 | 0x4 | 0x8, b"size=%d,mode=0700" % (2 * out_b + (64 << 10)))
 
     layer(2, filesystem)
     layer(4, lambda: check(libc.unshare(0x20000000), "unshare(CLONE_NEWPID)"))  # for the child we fork next
     if got & 2:
-        work, scratch = "/tmp", None
+        work, outputs, scratch = "/tmp", "/run", None
     else:  # no mount namespace: a host directory, removed below (left behind if we are killed)
         import tempfile
-        work = scratch = tempfile.mkdtemp(prefix="zenjax-sandbox-")
-    out_fd = os.open(work, os.O_RDWR | os.O_TMPFILE, 0o600)  # stdout/stderr: nameless files on the quota
-    err_fd = os.open(work, os.O_RDWR | os.O_TMPFILE, 0o600)
+        work = outputs = scratch = tempfile.mkdtemp(prefix="zenjax-sandbox-")
+    out_fd = os.open(outputs, os.O_RDWR | os.O_TMPFILE, 0o600)  # stdout/stderr: nameless files
+    err_fd = os.open(outputs, os.O_RDWR | os.O_TMPFILE, 0o600)
     res_r, res_w = os.pipe()  # program -> supervisor: "R" (ready for the calls), then the values
     call_r, call_w = os.pipe()  # supervisor -> program: the calls
     pid = os.fork()
@@ -225,7 +226,7 @@ def _main():
 
     def captured(fd):
         data = os.pread(fd, out_b + 1, 0)
-        return data[:out_b].decode("utf-8", "replace"), len(data) > out_b
+        return data[:out_b].decode("utf-8", "replace"), len(data) >= out_b  # RLIMIT_FSIZE stopped it there
 
     if scratch:
         import shutil
