@@ -11,6 +11,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import warnings
 
 import pytest
 
@@ -23,6 +24,9 @@ ROOMY = Limits(wall_s=20, cpu_s=10, memory_mb=256, output_bytes=1 << 16)
 SHORT = Limits(wall_s=1.5, cpu_s=1, memory_mb=256, output_bytes=1 << 16)
 LAYERS = sandbox.isolation()
 ME = os.getpid()
+if not all(LAYERS.values()):  # shown in the summary even with -q: which tests this host skips, and why
+    warnings.warn(f"this host lacks the sandbox layers {[n for n, on in LAYERS.items() if not on]}: the tests that "
+                  "need them are skipped")
 
 
 def needs(*layers):

@@ -7,7 +7,8 @@ which dies with the trainer's thread (PR_SET_PDEATHSIG) and sets up, in its own 
 - filesystem: a mount namespace in which every host mount is read-only, nosuid and nodev; a tmpfs of
   `Limits.disk_bytes` over /tmp is the program's working directory and its only writable place (nothing is
   ever written to the host's disk, so nothing is left behind, whoever dies first); /dev is a read-only tmpfs
-  holding null, zero, random and urandom; /run is an empty read-only tmpfs (no host daemon's socket);
+  holding null, zero, random and urandom; /run is a tmpfs closed to the program (no host daemon's socket)
+  that holds its stdout and stderr (nameless files of at most `output_bytes` each);
 - pids: a PID namespace whose init is the program: it sees and can signal only itself, and when it dies the
   kernel kills whatever else is in the namespace.
 The supervisor forks the program, which then drops to uid/gid 65534 ("user": never root, never the trainer's
@@ -23,7 +24,8 @@ the trainer dies, the supervisor and then the program die with it (PR_SET_PDEATH
 Judging stays outside: after its code ran, the program asks for the test calls (only the call expressions,
 never an expected value), evaluates them and writes their values back as tagged JSON (`decode`: plain data
 only); the trainer compares them. Layers this machine lacks are found once by `isolation()`;
-`require(allow_missing)` refuses to run without them unless the user opted in.
+`require(allow_missing)` refuses to run without them unless the user opted in (without the filesystem layer
+the working directory is a host temporary directory, removed by the supervisor or left if it is killed).
 """
 
 from __future__ import annotations
