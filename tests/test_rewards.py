@@ -177,8 +177,8 @@ def test_honest_solutions_pass():
 # Hostile completions: each earns 1.0 when the tests run inside the program's process (the previous design).
 EXPECTED = "zz-expected-zz"
 HACKS = {
-    "__eq__ always True": "class Any:\n    def __eq__(self, other):\n        return True\n"
-                          "def answer(x):\n    return Any()",
+    "__eq__ always True": "class Any:\n    __eq__ = lambda s, o: True\n    __len__ = lambda s: 14\n"
+                          "    __iter__ = lambda s: iter(sorted('zz-expected-zz'))\ndef answer(x):\n    return Any()",
     "an int subclass equal to everything": "class I(int):\n    __eq__ = lambda s, o: True\n    __hash__ = int.__hash__\n"
                                            "def answer(x):\n    return I(0)",
     "a list holding such an object": "class Any:\n    __eq__ = lambda s, o: True\ndef answer(x):\n    return [Any()]",
@@ -186,16 +186,17 @@ HACKS = {
     "searching the caller's frames and the heap": """
 import gc, sys
 def answer(x):
+    needle = 'zz-' + 'expected'  # not a constant of this code, which the search would find
+    texts = []
     frame = sys._getframe(1)
     while frame:
-        for v in list(frame.f_locals.values()) + list(frame.f_globals.values()):
-            if isinstance(v, str) and v.startswith('zz-'):
-                return v
+        texts += list(frame.f_locals.values()) + list(frame.f_globals.values())
         frame = frame.f_back
     for o in gc.get_objects():
-        for s in (o if isinstance(o, (list, tuple)) else [o]):
-            if isinstance(s, str) and 'zz-expected' in s:
-                return s[s.index('zz-'):s.index('zz-') + 14]
+        texts += o if isinstance(o, (list, tuple)) else list(o.values()) if isinstance(o, dict) else []
+    for t in texts:
+        if isinstance(t, str) and needle in t and t != needle:
+            return t[t.index(needle):t.index(needle) + 14]
     return None""",
     "reading the tests from files, argv, environment": """
 import os, sys
@@ -207,7 +208,7 @@ def answer(x):
                 seen += open(os.path.join(d, n), errors='replace').read()
             except OSError:
                 pass
-    i = seen.find('zz-expected')
+    i = seen.find('zz-' + 'expected')
     return seen[i:i + 14] if i >= 0 else None""",
     "importing the test module": "import tests\ndef answer(x):\n    return tests.EXPECTED",
     "excepthook, settrace and a patched assert": """

@@ -206,8 +206,8 @@ def test_escapes_are_refused(tmp_path):
         listener.listen()
         listener.setblocking(False)
         os.mknod(node, 0o666 | 0o20000, os.makedev(1, 3))  # a character device anyone may write: /dev/null's
-        for path in (sock_dir, sock):
-            os.chmod(path, 0o777)  # reachable by the sandbox's uid, were the socket reachable at all
+        for path in (sock_dir, sock, node):
+            os.chmod(path, 0o777)  # open to the sandbox's uid: only the sandbox's layers stand in the way
         names = list(ESCAPES)
         sources = [textwrap.dedent(ESCAPES[n]).format(me=ME, victim=victim.pid, sock=sock, node=node) for n in names]
         results = run_many(sources, ROOMY, max_workers=8)
