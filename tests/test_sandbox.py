@@ -3,7 +3,6 @@
 import glob
 import os
 import resource
-import signal
 import socket
 import subprocess
 import sys

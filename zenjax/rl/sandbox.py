@@ -58,7 +58,7 @@ import os, sys
 def _main():
     parent, layers, probe, cpu_s, mem_b, out_b, disk_b = map(int, sys.argv[1:8])
     wall_s = float(sys.argv[8])
-    import ctypes, json, resource, select, time
+    import ctypes, json, select, time
     libc = ctypes.CDLL(None, use_errno=True)
     u = ctypes.c_ulong
 
@@ -85,19 +85,6 @@ def _main():
 
     source = read_exactly(int(read_exactly(16))).decode("utf-8", "replace")
     got = 0
-
-    def layer(bit, setup):
-        nonlocal got
-        if layers & bit:
-            try:
-                setup()
-                got |= bit
-            except OSError as e:
-                if not probe:
-                    sys.stdout.write(json.dumps({"fatal": "isolation layer %d failed: %s" % (bit, e)}))
-                    sys.stdout.flush()
-                    os._exit(70)
-
     def mount(src, dst, fstype, flags, data=None):
         check(libc.mount(src, dst, fstype, u(flags), data), "mount %s" % dst)
 
@@ -116,7 +103,8 @@ def _main():
                     f.write(text)
         except OSError:
             layers &= ~7
-    layer(1, lambda: check(libc.unshare(0x40000000 | 0x08000000), "unshare(CLONE_NEWNET|CLONE_NEWIPC)"))
+    got = _layer(got, layers, probe, 1, lambda: check(libc.unshare(0x40000000 | 0x08000000),
+                                                      "unshare(CLONE_NEWNET|CLONE_NEWIPC)"))
 
     def filesystem():
         check(libc.unshare(0x00020000), "unshare(CLONE_NEWNS)")
@@ -164,8 +152,9 @@ def _main():
         # quota of their own: a program that fills its disk can still say why)
         mount(b"tmpfs", b"/run", b"tmpfs", 0x2 | 0x4 | 0x8, b"size=%d,mode=0700" % (2 * out_b + (64 << 10)))
 
-    layer(2, filesystem)
-    layer(4, lambda: check(libc.unshare(0x20000000), "unshare(CLONE_NEWPID)"))  # for the child we fork next
+    got = _layer(got, layers, probe, 2, filesystem)
+    # CLONE_NEWPID: for the program, forked next
+    got = _layer(got, layers, probe, 4, lambda: check(libc.unshare(0x20000000), "unshare(CLONE_NEWPID)"))
     if got & 2:
         work, outputs, scratch = "/tmp", "/run", None
     else:  # no mount namespace: a host directory, removed below (left behind if we are killed)
@@ -242,6 +231,21 @@ def _main():
     os._exit(0)
 
 
+def _layer(got, layers, probe, bit, setup):
+    # `got` with `bit` added when `layers` asks for it and `setup()` works. A layer that worked in the probe and
+    # fails now is fatal: the supervisor's exit 70 stops the trainer; the program's counts as its crash.
+    if not layers & bit:
+        return got
+    try:
+        setup()
+        return got | bit
+    except OSError as e:
+        if probe:
+            return got
+        os.write(2, ("sandbox: isolation layer %d failed: %s\n" % (bit, e)).encode())
+        os._exit(70)
+
+
 def _child(libc, check, prctl, layers, probe, got, work, out_fd, err_fd, res_w, call_r, source, cpu_s, mem_b,
            out_b):
     import ctypes, json, resource, select
@@ -257,17 +261,6 @@ def _child(libc, check, prctl, layers, probe, got, work, out_fd, err_fd, res_w, 
     os.closerange(keep[1] + 1, 1 << 16)  # nothing of the trainer's: its pipes stay out of reach
     os.chdir(work)
 
-    def layer(bit, setup):
-        nonlocal got
-        if layers & bit:
-            try:
-                setup()
-                got |= bit
-            except OSError as e:
-                if not probe:
-                    os.write(2, ("sandbox: isolation layer %d failed: %s\n" % (bit, e)).encode())
-                    os._exit(70)
-
     def proc():  # this namespace's /proc: the host's processes out of sight
         try:
             check(libc.mount(b"proc", b"/proc", b"proc", u(0x2 | 0x4 | 0x8), None), "mount /proc")
@@ -275,7 +268,7 @@ def _child(libc, check, prctl, layers, probe, got, work, out_fd, err_fd, res_w, 
             check(libc.mount(b"tmpfs", b"/proc", b"tmpfs", u(0x1 | 0x2 | 0x4 | 0x8), b"size=4k"), "hide /proc")
 
     if got & 4 and got & 2:
-        layer(4, proc)
+        got = _layer(got, layers, probe, 4, proc)
     for res, soft, hard in ((resource.RLIMIT_CORE, 0, 0), (resource.RLIMIT_CPU, cpu_s, cpu_s + 1),
                             (resource.RLIMIT_AS, mem_b, mem_b), (resource.RLIMIT_FSIZE, out_b, out_b),
                             (resource.RLIMIT_NOFILE, 256, 256)):
@@ -304,12 +297,12 @@ def _child(libc, check, prctl, layers, probe, got, work, out_fd, err_fd, res_w, 
 
     if layers & 16:
         bounding()  # needs CAP_SETPCAP, which the uid change below takes away
-    layer(8, user)
-    layer(16, capabilities)
+    got = _layer(got, layers, probe, 8, user)
+    got = _layer(got, layers, probe, 16, capabilities)
     check(prctl(1, 9), "PR_SET_PDEATHSIG")  # again: a uid change clears it
     if select.select([call_r], [], [], 0)[0] and not os.read(call_r, 1):  # EOF: the supervisor died meanwhile
         os._exit(71)
-    layer(32, lambda: _seccomp(libc, check, prctl))
+    got = _layer(got, layers, probe, 32, lambda: _seccomp(libc, check, prctl))
     if probe:
         os.write(res_w, b"R%d" % got)
         os._exit(0)
@@ -500,8 +493,6 @@ def _execute(source: str, limits: Limits, layers: int, calls: tuple[str, ...] = 
         report = json.loads(out)
     except ValueError:
         raise RuntimeError(f"sandbox: the supervisor failed (exit {proc.returncode}): {err.decode()[-2000:]}")
-    if "fatal" in report:
-        raise RuntimeError(f"sandbox: {report['fatal']} (it worked when probed at start)")
     return report
 
 
