@@ -219,6 +219,10 @@ builtins.AssertionError = type('Never', (Exception,), {})
 def answer(x):
     raise AssertionError('skip me')""",
     "printing a success marker and exiting": "import os\nprint('ok', flush=True)\nos._exit(0)",
+    # Asking for the calls, then exiting before reading them: the supervisor's write fails, and is survived.
+    "asking for the calls and leaving": "import os, time\nfor fd in range(3, 10):\n    try:\n        os.write(fd, b'R')\n"
+                                        "    except OSError:\n        pass\n    try:\n        os.close(fd)\n"
+                                        "    except OSError:\n        pass\ntime.sleep(0.5)\nos._exit(0)",
     "monkeypatching builtins the check uses": "import builtins\nbuiltins.sorted = lambda x: ['zz-expected-zz']\n"
                                               "builtins.len = lambda x: 14\ndef answer(x):\n    return 'wrong'",
 }
@@ -233,6 +237,7 @@ def test_reward_hacks_score_zero():
     reasons = dict(zip(names, out))
     assert reasons == {**dict.fromkeys(names, (0.0, "wrong")), "importing the test module": (0.0, "crash"),
                        "printing a success marker and exiting": (0.0, "early_exit"),
+                       "asking for the calls and leaving": (0.0, "bad_values"),
                        # the patched len breaks the sandbox's own json: a hook can only make its program fail
                        "monkeypatching builtins the check uses": (0.0, "crash")}
     assert out[-1] == (1.0, None)  # the honest answer to the same tests
@@ -256,7 +261,9 @@ def test_judge_splits_asserts_into_calls_and_checks():
     "def check(candidate):\n    assert candidate(1) == 2",  # HumanEval's form
     "assert all(f(i) == i for i in range(3))",  # the verdict would be computed next to the program
     "import numpy as np\nassert np.allclose(f(1), [1.0])",  # a module the trainer does not import judges
-    "assert 2 ** f(1) == 4",  # a cost the program's value would choose
+    "assert 2 ** f(1) == 4",  # costs the program's value would choose
+    "assert f(1) % 2 == 1",  # ('%2000000000d' % 2)
+    "assert sum(f(1), []) == [1]",
     "assert f(1).__class__ == int",
     "assert f(1) ==",
     "print('no assert')",

@@ -22,7 +22,7 @@ from types import CodeType
 MODULES = ("math", "cmath", "string", "itertools", "collections", "functools", "operator", "heapq", "bisect")
 # What a check may apply to the program's values: each costs at most O(n log n) on at most output_bytes of data.
 CHEAP = ("abs", "all", "any", "bool", "float", "frozenset", "int", "isinstance", "len", "list", "max", "min",
-         "round", "set", "sorted", "str", "sum", "tuple", "type", "dict", "math.isclose", "isclose")
+         "round", "set", "sorted", "str", "tuple", "type", "dict", "math.isclose", "isclose")
 SAFE_BUILTINS = {name: getattr(builtins, name) for name in (
     "abs", "all", "any", "bool", "bytes", "chr", "complex", "dict", "divmod", "enumerate", "filter", "float",
     "frozenset", "int", "isinstance", "len", "list", "map", "max", "min", "ord", "pow", "range", "repr",
@@ -85,7 +85,8 @@ class _Splitter:
             return ast.copy_location(ast.Name(f"_v{len(self.calls) - 1}", ast.Load()), node)
         if not isinstance(node, _AROUND):
             raise Unsupported(f"{type(node).__name__} around the program's values: {ast.unparse(node)[:80]}")
-        if isinstance(node, ast.BinOp) and (isinstance(node.op, (ast.Pow, ast.LShift)) or (
+        if isinstance(node, ast.BinOp) and (isinstance(node.op, (ast.Pow, ast.LShift)) or (  # 2 ** v, '%9999999d' % 1
+                isinstance(node.op, ast.Mod) and not self.evaluable(node.left)) or (
                 isinstance(node.op, ast.Mult) and not (self.evaluable(node.left) or self.evaluable(node.right)))):
             raise Unsupported(f"{ast.unparse(node)[:80]}: its cost would be the program's choice")
         if isinstance(node, ast.Call) and _dotted(node.func) not in CHEAP:

@@ -3,7 +3,8 @@
 Each program gets two processes: a supervisor (trusted code only) and, forked from it, the program itself.
 The trainer starts the supervisor (`python -I`, fork+exec, no Python between them: safe in threaded trainers),
 which dies with the trainer's thread (PR_SET_PDEATHSIG) and sets up, in its own namespaces:
-- network: a network namespace with only an unconfigured loopback (abstract unix sockets are per namespace);
+- network: a network namespace with only an unconfigured loopback (abstract unix sockets are per namespace),
+  and an IPC namespace;
 - filesystem: a mount namespace in which every host mount is read-only, nosuid and nodev; a tmpfs of
   `Limits.disk_bytes` over /tmp is the program's working directory and its only writable place (nothing is
   ever written to the host's disk, so nothing is left behind, whoever dies first); /dev is a read-only tmpfs
@@ -111,6 +112,8 @@ def _main():
         mount(None, b"/", None, 0x4000 | 0x40000)  # MS_REC | MS_PRIVATE: nothing propagates back to the host
         devices = []
         for name in (b"null", b"zero", b"random", b"urandom"):  # detached copies, taken before /dev is covered
+            if not os.path.exists(b"/dev/" + name):
+                continue
             fd = libc.syscall(u(428), ctypes.c_int(-100), b"/dev/" + name, ctypes.c_uint(1 | 0o2000000))
             check(0 if fd >= 0 else -1, "open_tree /dev/" + name.decode())
             devices.append((name, fd))
@@ -198,7 +201,10 @@ def _main():
             results += chunk
             overflow = len(results) > out_b
         if writable:
-            calls = calls[os.write(call_w, calls):]
+            try:
+                calls = calls[os.write(call_w, calls):]
+            except OSError:  # the program closed its end: it gets no calls (and answers none)
+                calls = b""
             if not calls:
                 os.close(call_w)
                 calls = None
@@ -522,7 +528,12 @@ def require(allow_missing: str = "") -> None:
                            "code would run without them; run as root on Linux >= 5.12 with user namespaces, or "
                            f"accept the risk with the code reward's allow_missing='{','.join(missing)}'")
     for name in missing:
-        log.warning("sandbox: running without the isolation layer %r (allowed by allow_missing)", name)
+        _warn_missing(name)
+
+
+@functools.cache
+def _warn_missing(name: str) -> None:
+    log.warning("sandbox: running without the isolation layer %r (allowed by allow_missing)", name)
 
 
 _LAST_EXC = re.compile(r"^(\w+(?:\.\w+)*)(?::|$)", re.M)
