@@ -220,9 +220,19 @@ def answer(x):
     raise AssertionError('skip me')""",
     "printing a success marker and exiting": "import os\nprint('ok', flush=True)\nos._exit(0)",
     # Asking for the calls, then exiting before reading them: the supervisor's write fails, and is survived.
-    "asking for the calls and leaving": "import os, time\nfor fd in range(3, 10):\n    try:\n        os.write(fd, b'R')\n"
-                                        "    except OSError:\n        pass\n    try:\n        os.close(fd)\n"
-                                        "    except OSError:\n        pass\ntime.sleep(0.5)\nos._exit(0)",
+    "asking for the calls and leaving": """
+import os, time
+for fd in range(3, 10):  # close the read ends (the calls' among them), then ask
+    try:
+        os.write(fd, b'')
+    except OSError:
+        os.closerange(fd, fd + 1)
+for fd in range(3, 10):
+    try:
+        os.write(fd, b'R')
+    except OSError:
+        pass
+time.sleep(0.5)""",
     "monkeypatching builtins the check uses": "import builtins\nbuiltins.sorted = lambda x: ['zz-expected-zz']\n"
                                               "builtins.len = lambda x: 14\ndef answer(x):\n    return 'wrong'",
 }
@@ -237,7 +247,7 @@ def test_reward_hacks_score_zero():
     reasons = dict(zip(names, out))
     assert reasons == {**dict.fromkeys(names, (0.0, "wrong")), "importing the test module": (0.0, "crash"),
                        "printing a success marker and exiting": (0.0, "early_exit"),
-                       "asking for the calls and leaving": (0.0, "bad_values"),
+                       "asking for the calls and leaving": (0.0, "crash"),
                        # the patched len breaks the sandbox's own json: a hook can only make its program fail
                        "monkeypatching builtins the check uses": (0.0, "crash")}
     assert out[-1] == (1.0, None)  # the honest answer to the same tests
