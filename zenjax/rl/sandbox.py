@@ -86,12 +86,13 @@ def _main():
 
     source = read_exactly(int(read_exactly(16))).decode("utf-8", "replace")
     got = 0
+
     def mount(src, dst, fstype, flags, data=None):
         check(libc.mount(src, dst, fstype, u(flags), data), "mount %s" % dst)
 
-    def setattr_(path, set_, clear, flags=0, fd=-100):  # mount_setattr (442 on every architecture)
+    def setattr_(path, set_, clear, flags=0):  # mount_setattr (442 on every architecture)
         attr = (ctypes.c_uint64 * 4)(set_, clear, 0, 0)
-        check(libc.syscall(u(442), ctypes.c_int(fd), path, ctypes.c_uint(flags), attr, ctypes.c_size_t(32)),
+        check(libc.syscall(u(442), ctypes.c_int(-100), path, ctypes.c_uint(flags), attr, ctypes.c_size_t(32)),
               "mount_setattr %s" % path)
 
     if os.geteuid() != 0 and layers & 7:  # unprivileged: namespaces need a user namespace of our own first
@@ -123,6 +124,8 @@ def _main():
         wanted = {os.path.realpath(p) for p in sys.path + [sys.prefix, sys.base_prefix] if p and os.path.isdir(p)}
         closed = {}
         for path in sorted(wanted):
+            if any(path.startswith(w + "/") for w in wanted):
+                continue  # inside another one, which brings it along
             parts = path.split("/")
             for i in range(2, len(parts)):
                 top = "/".join(parts[:i])
@@ -163,6 +166,8 @@ def _main():
     else:  # no mount namespace: a host directory, removed below (left behind if we are killed)
         import tempfile
         work = outputs = scratch = tempfile.mkdtemp(prefix="zenjax-sandbox-")
+        if os.geteuid() == 0:
+            os.chown(scratch, NOBODY, NOBODY)  # the program's uid, once it drops root
     out_fd = os.open(outputs, os.O_RDWR | os.O_TMPFILE, 0o600)  # stdout/stderr: nameless files
     err_fd = os.open(outputs, os.O_RDWR | os.O_TMPFILE, 0o600)
     res_r, res_w = os.pipe()  # program -> supervisor: "R" (ready for the calls), then the values
