@@ -197,7 +197,7 @@ ESCAPES = {
 @needs(*sandbox.LAYERS)
 def test_escapes_are_refused(tmp_path):
     victim = subprocess.Popen(["sleep", "30"])
-    sock_dir = tempfile.mkdtemp(dir="/var/tmp")  # outside the /tmp the sandbox covers
+    sock_dir = tempfile.mkdtemp(dir=sys.prefix)  # in a host directory the sandbox shows (the interpreter's)
     listener = socket.socket(socket.AF_UNIX)
     try:
         sock, node = os.path.join(sock_dir, "daemon.sock"), os.path.join(sock_dir, "null")
@@ -240,6 +240,7 @@ def test_what_the_program_sees():
         except PermissionError:
             pass
         assert os.getcwd() == '/tmp' and os.listdir('.') == []  # a fresh tmpfs: no host /tmp, no sockets
+        assert not os.path.exists({this!r})  # this test file: the host's code and data are out of sight
         assert [l.split(':')[0].strip() for l in open('/proc/net/dev').read().splitlines()[2:]] == ['lo']
         for path in ('/etc/passwd', '/usr/x'):  # the host's files read-only
             try:
@@ -250,7 +251,7 @@ def test_what_the_program_sees():
         a, b = socket.socketpair()  # anonymous pairs stay (asyncio needs them)
         a.send(b'x')
         assert b.recv(1) == b'x'
-        """)
+        """).format(this=os.path.abspath(__file__))
     r = run_python(src, ROOMY)
     assert r.passed, r.stderr[-600:]
 

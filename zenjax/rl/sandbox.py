@@ -5,7 +5,9 @@ The trainer starts the supervisor (`python -I`, fork+exec, no Python between the
 which dies with the trainer's thread (PR_SET_PDEATHSIG) and sets up, in its own namespaces:
 - network: a network namespace with only an unconfigured loopback (abstract unix sockets are per namespace),
   and an IPC namespace;
-- filesystem: a mount namespace in which every host mount is read-only, nosuid and nodev; a tmpfs of
+- filesystem: a mount namespace in which every host mount is read-only, nosuid and nodev, and of the host's
+  top-level directories only the system's (/usr, /etc, ...) and the interpreter's own trees are visible (no
+  dataset, test file, checkpoint or home directory); a tmpfs of
   `Limits.disk_bytes` over /tmp is the program's working directory and its only writable place (nothing is
   ever written to the host's disk, so nothing is left behind, whoever dies first); /dev is a read-only tmpfs
   holding null, zero, random and urandom; /run is a tmpfs closed to the program (no host daemon's socket)
@@ -119,22 +121,19 @@ def _main():
             check(0 if fd >= 0 else -1, "open_tree /dev/" + name.decode())
             devices.append((name, fd))
         setattr_(b"/", 0x1 | 0x2 | 0x4, 0, 0x8000)  # RDONLY | NOSUID | NODEV, recursively (AT_RECURSIVE)
-        # The interpreter's directories may sit under one that uid 65534 cannot enter (a pyenv in /root): cover
-        # that one with an empty tmpfs and bring back just the interpreter's directories (the rest stays hidden).
-        wanted = {os.path.realpath(p) for p in sys.path + [sys.prefix, sys.base_prefix] if p and os.path.isdir(p)}
-        closed = {}
-        for path in sorted(wanted):
-            if any(path.startswith(w + "/") for w in wanted):
-                continue  # inside another one, which brings it along
-            parts = path.split("/")
-            for i in range(2, len(parts)):
-                top = "/".join(parts[:i])
-                if not os.stat(top).st_mode & 0o001:
-                    closed.setdefault(top, []).append(path)
-                    break
-        for top, paths in closed.items():
+        # Of the host's directories the program sees the system's (SYSTEM_DIRS) and the interpreter's own trees,
+        # read-only: every other top-level directory (homes, /root, /work, /mnt, /var, ...: datasets, tests,
+        # checkpoints) is covered by an empty tmpfs, into which only the interpreter's trees are bound back.
+        import sysconfig
+        wanted = {os.path.realpath(p) for p in [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+                                                *sysconfig.get_paths().values()] if os.path.isdir(p)}
+        wanted = [w for w in wanted if not any(w.startswith(o + "/") for o in wanted)]  # the outermost ones
+        for name in os.listdir("/"):
+            top = "/" + name
+            if name in SYSTEM_DIRS or os.path.islink(top) or not os.path.isdir(top) or top in wanted:
+                continue
             trees = []
-            for path in paths:
+            for path in (w for w in wanted if w.startswith(top + "/")):
                 fd = libc.syscall(u(428), ctypes.c_int(-100), path.encode(), ctypes.c_uint(1 | 0o2000000 | 0x8000))
                 check(0 if fd >= 0 else -1, "open_tree " + path)  # OPEN_TREE_CLONE | AT_RECURSIVE
                 trees.append((path, fd))
@@ -453,6 +452,7 @@ def _seccomp(libc, check, prctl):
 
 
 NOBODY = %(nobody)d
+SYSTEM_DIRS = ("bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "run", "sbin", "sys", "tmp", "usr")
 MARKER = %(marker)r
 _main()
 """.replace("%(marker)r", repr(NETWORK_MARKER)).replace("%(nobody)d", str(NOBODY))
