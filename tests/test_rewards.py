@@ -1,7 +1,6 @@
 """Rewards: a hand-written table of math answers, the format and exact rewards, `score` and the code reward."""
 
 import importlib
-import time
 
 import ml_collections
 import numpy as np
@@ -284,18 +283,6 @@ def test_tests_the_trainer_cannot_judge_score_zero(tests):
         judge.parse(tests)
     r, info = score([code("def f(x):\n    return x")], [{"id": "u", "tests": tests}], {"code": 1.0})
     assert r[0] == 0 and info["code/fail/unsupported_test"] == 1
-
-
-def test_deadline_bounds_a_step_of_sleepers():
-    # 64 sleeping completions, 2 s per-step deadline: scoring ends within the deadline plus one program's wall
-    # limit (5 s), however few the workers, and every sleeper scores 0 "timeout".
-    sleeper = code("import time\ntime.sleep(60)\ndef f():\n    return 1")
-    t = time.perf_counter()
-    r, info = score([sleeper] * 64, [{"tests": "assert f() == 1"}] * 64, {"code": 1.0},
-                    options={"code": {"deadline_s": 2.0, "wall_s": 5.0, "workers": 4}})
-    elapsed = time.perf_counter() - t
-    assert elapsed < 2.0 + 5.0, elapsed
-    assert r.max() == 0 and info["code/fail/timeout"] == 64
 
 
 def test_reward_options_from_the_config_section():

@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 
-from zenjax.rl import sandbox
+from zenjax.rl import rewards, sandbox
 from zenjax.rl.sandbox import Limits, run_many, run_python
 
 # Programs that should end by themselves get room (the machine may be busy); those that should be stopped get
@@ -309,3 +309,15 @@ def test_require_refuses_missing_layers_unless_allowed(monkeypatch, caplog):
     sandbox.require("user")
     sandbox.require("all")
     assert "without the isolation layer 'user'" in caplog.text
+
+
+def test_deadline_bounds_a_step_of_sleepers():
+    # 64 sleeping completions, 2 s per-step deadline: scoring ends within the deadline plus one program's wall
+    # limit (5 s), however few the workers, every sleeper scores 0 "timeout", and none is left running (fixture).
+    sleeper = "```python\nimport time\ntime.sleep(60)\ndef f():\n    return 1\n```"
+    t = time.perf_counter()
+    r, info = rewards.score([sleeper] * 64, [{"tests": "assert f() == 1"}] * 64, {"code": 1.0},
+                            options={"code": {"deadline_s": 2.0, "wall_s": 5.0, "workers": 4}})
+    elapsed = time.perf_counter() - t
+    assert elapsed < 2.0 + 5.0, elapsed
+    assert r.max() == 0 and info["code/fail/timeout"] == 64
