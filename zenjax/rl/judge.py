@@ -6,7 +6,8 @@ values that come back as plain data.
 
 A sandbox-side expression is a call of a function the test does not define itself (the program's), or a bare
 name of the program's; everything around it (comparisons, `abs`, `sorted`, `len`, `math.isclose`, the expected
-values) runs in the trainer on plain data, with no builtins but CHEAP ones. Expected values never enter the
+values) runs in the trainer on plain data, with SAFE_BUILTINS only, of which only CHEAP ones may take the
+program's values (their cost is never the program's choice). Expected values never enter the
 sandbox. Test files may hold `assert` and `import` statements (imports run before the calls in the sandbox, and
 in the trainer for the modules in MODULES); anything else (assignments, loops, `def check(candidate)`, a check
 the trainer could not evaluate cheaply on the program's values) makes the item "unsupported_test", which
