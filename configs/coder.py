@@ -47,7 +47,9 @@ def get_config(arg=None):
     c.rl.group_size = 8  # G programs per problem: 512 sequences per step
     c.rl.minibatches = 4  # 4 updates of 128 sequences per rollout batch
     c.rl.max_new_tokens = 2048  # reasoning plus a program
-    c.rewards = ml_collections.ConfigDict({"code": 1.0})  # program + the item's tests run clean in the sandbox
+    # The item's tests hold on the program's values (sandboxed); each step's scoring stops at deadline_s.
+    c.rewards = ml_collections.ConfigDict({"code": {"weight": 1.0, "workers": 0, "deadline_s": 120.0, "wall_s": 10.0,
+                                                    "memory_mb": 1024, "allow_missing": ""}})
     c.data.source = "data/code_train.jsonl"  # {"prompt", "tests"} lines
     c.data.max_prompt_len = 1024  # problem statements with examples are long
     return base.variant(c, arg)

@@ -1,9 +1,14 @@
 """Rewards: a hand-written table of math answers, the format and exact rewards, `score` and the code reward."""
 
+import importlib
+
+import ml_collections
 import numpy as np
 import pytest
 
-from zenjax.rl import rewards
+from zenjax.config import validate
+from zenjax.plan import scoring_cost
+from zenjax.rl import judge, rewards
 from zenjax.rl.rewards import REWARDS, score
 
 # (completion, reference answer, expected reward); each expectation decided by reading the pair.
@@ -147,3 +152,157 @@ def test_code_reward():
     assert r[0] == 1
     with pytest.raises(ValueError, match="no tests"):
         score([comps[0]], [{"id": "x", "tests": None}], {"code": 1.0})
+
+
+def code(body: str) -> str:
+    return "```python\n" + body + "\n```"
+
+
+def test_honest_solutions_pass():
+    items = [{"id": "q", "tests": ["import math", "assert hyp(3, 4) == 5.0", "assert math.isclose(hyp(1, 1), 2 ** .5)",
+                                   "assert sorted(parts(6)) == [1, 2, 3]", "assert not parts(1)"]}]
+    base = ("import math\ndef hyp(a, b):\n    return math.sqrt(a * a + b * b)\n"
+            "def parts(n):\n    return [d for d in range(1, n) if n % d == 0]\n")
+    comps = [code(base + "print('thinking out loud')"),
+             code(base + "import sys\nsys.setrecursionlimit(10000)\n"
+                  "def depth(n):\n    return 0 if n == 0 else 1 + depth(n - 1)\nassert depth(3000) == 3000"),
+             code(base + "import json, collections, itertools, functools, heapq, re, fractions, threading\n"
+                  "t = threading.Thread(target=print)\nt.start()\nt.join()"),
+             code(base + "open('cache.txt', 'w').write('42')\nassert open('cache.txt').read() == '42'")]
+    r, info = score(comps, items * 4, {"code": 1.0})
+    np.testing.assert_array_equal(r, [1, 1, 1, 1]), info
+
+
+# Hostile completions: each earns 1.0 when the tests run inside the program's process (the previous design).
+EXPECTED = "zz-expected-zz"
+HACKS = {
+    "__eq__ always True": "class Any:\n    __eq__ = lambda s, o: True\n    __len__ = lambda s: 14\n"
+                          "    __iter__ = lambda s: iter(sorted('zz-expected-zz'))\ndef answer(x):\n    return Any()",
+    "an int subclass equal to everything": "class I(int):\n    __eq__ = lambda s, o: True\n"
+                                           "    __hash__ = int.__hash__\ndef answer(x):\n    return I(0)",
+    "a list holding such an object": "class Any:\n    __eq__ = lambda s, o: True\ndef answer(x):\n    return [Any()]",
+    # The harness's frames, every object in memory, the process's files: the expected value is in none of them.
+    "searching the caller's frames and the heap": """
+import gc, sys
+def answer(x):
+    needle = 'zz-' + 'expected'  # not a constant of this code, which the search would find
+    texts = []
+    frame = sys._getframe(1)
+    while frame:
+        texts += list(frame.f_locals.values()) + list(frame.f_globals.values())
+        frame = frame.f_back
+    for o in gc.get_objects():
+        texts += o if isinstance(o, (list, tuple)) else list(o.values()) if isinstance(o, dict) else []
+    for t in texts:
+        if isinstance(t, str) and needle in t and t != needle:
+            return t[t.index(needle):t.index(needle) + 14]
+    return None""",
+    "reading the tests from files, argv, environment": """
+import os, sys
+def answer(x):
+    seen = ' '.join(sys.argv) + ' '.join(os.environ.values())
+    for d in ('.', '/tmp', '/proc/self', '/proc/1'):
+        for n in os.listdir(d):
+            try:
+                seen += open(os.path.join(d, n), errors='replace').read()
+            except OSError:
+                pass
+    i = seen.find('zz-' + 'expected')
+    return seen[i:i + 14] if i >= 0 else None""",
+    "importing the test module": "import tests\ndef answer(x):\n    return tests.EXPECTED",
+    "excepthook, settrace and a patched assert": """
+import builtins, sys
+sys.excepthook = lambda *a: None
+sys.settrace(lambda *a: None)
+builtins.AssertionError = type('Never', (Exception,), {})
+def answer(x):
+    raise AssertionError('skip me')""",
+    "printing a success marker and exiting": "import os\nprint('ok', flush=True)\nos._exit(0)",
+    # Asking for the calls, then exiting before reading them: the supervisor's write fails, and is survived.
+    "asking for the calls and leaving": """
+import os, time
+for fd in range(3, 10):  # close the read ends (the calls' among them), then ask
+    try:
+        os.write(fd, b'')
+    except OSError:
+        os.closerange(fd, fd + 1)
+for fd in range(3, 10):
+    try:
+        os.write(fd, b'R')
+    except OSError:
+        pass
+time.sleep(0.5)""",
+    "monkeypatching builtins the check uses": "import builtins\nbuiltins.sorted = lambda x: ['zz-expected-zz']\n"
+                                              "builtins.len = lambda x: 14\ndef answer(x):\n    return 'wrong'",
+}
+
+
+def test_reward_hacks_score_zero():
+    tests = [f"assert answer(1) == {EXPECTED!r}", f"assert sorted(answer(2)) == sorted({EXPECTED!r})",
+             "assert len(answer(3)) == 14"]
+    names = list(HACKS)
+    out = rewards.code_reward([code(HACKS[n]) for n in names] + [code(f"def answer(x):\n    return {EXPECTED!r}")],
+                              [{"id": "hack", "tests": tests}] * (len(names) + 1), wall_s=10, memory_mb=256)
+    reasons = dict(zip(names, out))
+    assert reasons == {**dict.fromkeys(names, (0.0, "wrong")), "importing the test module": (0.0, "crash"),
+                       "printing a success marker and exiting": (0.0, "early_exit"),
+                       "asking for the calls and leaving": (0.0, "crash"),
+                       # the patched len breaks the sandbox's own json: a hook can only make its program fail
+                       "monkeypatching builtins the check uses": (0.0, "crash")}
+    assert out[-1] == (1.0, None)  # the honest answer to the same tests
+
+
+def test_judge_splits_asserts_into_calls_and_checks():
+    plan = judge.parse("import math\nfrom typing import List\n'''doc'''\n"
+                       "assert abs(area(2.0) - 12.566) < 1e-3, 'msg'\n"
+                       "assert f(g(1), k=[i for i in range(3)]) == (1, 2)\n"
+                       "assert math.isclose(area(1), 3.14159, rel_tol=1e-5) and not empty([])\nassert MAX == 5\n")
+    assert plan.setup == "import math\nfrom typing import List"
+    assert plan.calls == ("area(2.0)", "f(g(1), k=[i for i in range(3)])", "area(1)", "empty([])", "MAX")
+    ok = [("ok", v) for v in (12.5664, (1, 2), 3.14159, [], 5)]
+    assert judge.judge(plan, ok)
+    assert not judge.judge(plan, ok[:1] + [("ok", [1, 2])] + ok[2:])  # a list is not the tuple the test wants
+    assert not judge.judge(plan, ok[:4] + [("error", "NameError")])
+    assert not judge.judge(plan, [("ok", "x")] + ok[1:])  # a str where the check subtracts: the test fails
+
+
+@pytest.mark.parametrize("tests", [
+    "x = [1, 2]\nassert f(x) == 3",  # an assignment
+    "def check(candidate):\n    assert candidate(1) == 2",  # HumanEval's form
+    "assert all(f(i) == i for i in range(3))",  # the verdict would be computed next to the program
+    "import numpy as np\nassert np.allclose(f(1), [1.0])",  # a module the trainer does not import judges
+    "assert 2 ** f(1) == 4",  # costs the program's value would choose
+    "assert f(1) % 2 == 1",  # ('%2000000000d' % 2)
+    "assert sum(f(1), []) == [1]",
+    "assert f(1).__class__ == int",
+    "assert f(1) ==",
+    "print('no assert')",
+])
+def test_tests_the_trainer_cannot_judge_score_zero(tests):
+    with pytest.raises(judge.Unsupported):
+        judge.parse(tests)
+    r, info = score([code("def f(x):\n    return x")], [{"id": "u", "tests": tests}], {"code": 1.0})
+    assert r[0] == 0 and info["code/fail/unsupported_test"] == 1
+
+
+def test_reward_options_from_the_config_section():
+    section = ml_collections.ConfigDict({"code": {"weight": 2.0, "wall_s": 3.0, "workers": 2}, "math": 0.5})
+    assert rewards.split(section) == ({"code": 2.0, "math": 0.5}, {"code": {"wall_s": 3.0, "workers": 2}})
+    with pytest.raises(ValueError, match=r"rewards.code has unknown options \['walls'\]; it takes: allow_missing, "
+                                         r"cpu_s, deadline_s, disk_bytes, memory_mb, output_bytes, wall_s, workers"):
+        rewards.split({"code": {"weight": 1.0, "walls": 3}})
+    with pytest.raises(ValueError, match="rewards.math needs a number 'weight'"):
+        rewards.split({"math": {"partial": 1}})
+    r, _ = score([code("def add(a, b):\n    return a + b")], [{"tests": TESTS}], {"code": section.code})
+    assert r[0] == 2.0
+
+
+def test_config_validation_and_plan_name_the_scoring_cost():
+    c = importlib.import_module("configs.coder").get_config(None)
+    assert validate(c, num_devices=8, num_processes=1)
+    c.rewards.code.workers, c.rewards.code.deadline_s = 16, 60.0
+    assert scoring_cost(c, 512) == ("code reward  512 programs/step on 16 workers, up to wall_s=10 s each: 320 s if "
+                                    "all run to their limit; cut at deadline_s=60 s (programs unfinished then score 0)")
+    c.rewards = ml_collections.ConfigDict({"code": {"weight": 1.0, "wall": 3.0}})
+    with pytest.raises(ValueError, match=r"rewards.code has unknown options \['wall'\]"):
+        validate(c, num_devices=8, num_processes=1)

@@ -126,9 +126,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
         errors.append(f"rl.loss={rl.loss!r} is not a registered loss: {', '.join(sorted(losses.LOSSES))}")
     if rl.old_logprobs not in ("recompute", "sampler"):
         errors.append(f"rl.old_logprobs={rl.old_logprobs!r} must be 'recompute' or 'sampler'")
-    unknown = sorted(set(config.rewards) - set(rewards.REWARDS))
-    if unknown:
-        errors.append(f"rewards {unknown} are not registered: {', '.join(sorted(rewards.REWARDS))}")
+    try:
+        rewards.split(config.rewards)
+    except ValueError as e:
+        errors.append(str(e))
     if rl.engine not in ("continuous", "static"):
         errors.append(f"rl.engine={rl.engine!r} must be 'continuous' or 'static'")
     if rl.slots < 0:

@@ -41,7 +41,9 @@ t = mesh.tensor.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +56,7 @@ from zenjax import cli, sharding
 from zenjax.config import BATCH_AXES, logprob_rows, model_config_from, validate
 from zenjax.models import Qwen3Config, attention
 from zenjax.models.hf import ModelConfig, build, is_omni, text_config
+from zenjax.rl import rewards, sandbox
 from zenjax.train_state import abstract_rollout_params, abstract_state, make_optimizer
 
 GB = 1e9
@@ -202,6 +205,7 @@ class Plan:
     reference: int  # the KL reference policy's params (0 without a KL penalty)
     rollout_copy: int  # the policy copy the sampler decodes from (0 with rl.rollout_copy off)
     chip: str | None
+    scoring: str = ""  # what the code reward's sandbox costs per step ("" without it)
 
     @property
     def devices(self) -> int:
@@ -255,6 +259,24 @@ def rollout_slots(config: ml_collections.ConfigDict, sizes: dict[str, int], fixe
     return max(shards, min(rows, local * shards) // shards * shards)
 
 
+def scoring_cost(config: ml_collections.ConfigDict, rows: int) -> str:
+    """The code reward's worst case per step on this host: `rows` programs, each up to wall_s, on its workers,
+    cut at deadline_s ("" when the config has no code reward)."""
+    weights, options = rewards.split(config.rewards)
+    if "code" not in weights:
+        return ""
+    o = options.get("code", {})
+    default = {k: p.default for k, p in inspect.signature(rewards.code_reward).parameters.items()}
+    workers = o.get("workers", default["workers"]) or os.cpu_count()
+    wall, deadline = o.get("wall_s", sandbox.Limits.wall_s), o.get("deadline_s", default["deadline_s"])
+    worst = math.ceil(rows / workers) * wall
+    cut = (f"cut at deadline_s={deadline:g} s (programs unfinished then score 0)" if deadline
+           else "no deadline_s: a step waits for all of them")
+    whose = "" if o.get("workers") else " (this host's cores)"
+    return (f"code reward  {rows} programs/step on {workers} workers{whose}, up to wall_s={wall:g} s each: "
+            f"{worst:g} s if all run to their limit; {cut}")
+
+
 def plan(config: ml_collections.ConfigDict, num_devices: int | None = None, chip: str | None = None,
          hbm: float | None = None) -> Plan:
     """All the numbers for `config` on `num_devices` (default: the product of the mesh's fixed axes); the
@@ -288,7 +310,7 @@ def plan(config: ml_collections.ConfigDict, num_devices: int | None = None, chip
         logprob_forward=logprob_forward_bytes(cfg, logprob_rows(rl) // shards, seq, tensor=t, expert=n,
                                               chunk=rl.logprob_chunk),
         kv_cache=kv_cache_bytes(cfg, slots // shards, seq, tensor=t), slots=slots,
-        reference=ref, rollout_copy=copy, chip=chip)
+        reference=ref, rollout_copy=copy, chip=chip, scoring=scoring_cost(config, rollout))
 
 
 def si(n: float, unit: str = "") -> str:
@@ -350,6 +372,8 @@ def format_plan(p: Plan, hf_model_id: str = "") -> str:
     lines.append("not modelled: the sampler's prefill" + ("" if p.rollout_copy else " and gathered weights")
                  + (", the encoders' activations" if c.vision or c.audio else "")
                  + " (python -m zenjax.compile counts every buffer)")
+    if p.scoring:
+        lines.append(p.scoring)
     lines += [f"WARNING: {w}" for w in p.warnings()]
     return "\n".join(lines)
 

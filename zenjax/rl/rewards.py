@@ -2,12 +2,16 @@
 
 A reward sees the decoded completion (without the prompt, cut at eos) and the prompt's item dict
 ({"id", "prompt", "answer", "tests", ...}). It returns a float, or (float, reason) where reason names why it
-failed (counted in the info dict). Options for a reward come from `score(..., options={name: {...}})`.
+failed (counted in the info dict). A reward's options are its keyword-only parameters; the config's `rewards`
+section gives each reward a weight, or {"weight": w, option: value, ...} (`split`).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import inspect
+import logging
 import math
 import re
 import time
@@ -15,13 +19,16 @@ from collections.abc import Callable
 
 import numpy as np
 
-from zenjax.rl import sandbox
+from zenjax.rl import judge, sandbox
 
+log = logging.getLogger(__name__)
 REWARDS: dict[str, Callable] = {}  # name -> fn(completions, items, **options) -> list[float | (float, reason)]
+OPTIONS: dict[str, frozenset] = {}  # name -> the options it takes
 
 
-def register(name: str, *, batched: bool = False):
-    """Register a reward. Per-item fns take (completion, item, **options); batched ones take lists."""
+def register(name: str, *, batched: bool = False, options_from: type | None = None):
+    """Register a reward. Per-item fns take (completion, item, **options); batched ones take lists. Its options
+    are its keyword-only parameters, and the fields of the dataclass `options_from` that its **kwargs take."""
 
     def deco(fn):
         if name in REWARDS:
@@ -30,33 +37,64 @@ def register(name: str, *, batched: bool = False):
             REWARDS[name] = fn
         else:
             REWARDS[name] = lambda completions, items, **opts: [fn(c, it, **opts) for c, it in zip(completions, items)]
+        params = inspect.signature(fn).parameters.values()
+        names = {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+        if options_from is not None:
+            names |= {f.name for f in dataclasses.fields(options_from)}
+        OPTIONS[name] = frozenset(names)
         return fn
 
     return deco
 
 
-def score(completions: list[str], items: list[dict], weights: dict[str, float],
-          options: dict[str, dict] | None = None) -> tuple[np.ndarray, dict]:
+def split(section) -> tuple[dict[str, float], dict[str, dict]]:
+    """The config's `rewards` section ({name: weight | {"weight": w, **options}}) as (weights, options);
+    ValueError naming every unknown reward, missing weight and unknown option."""
+    weights, options, errors = {}, {}, []
+    for name, spec in dict(section).items():
+        if name not in REWARDS:
+            errors.append(f"reward {name!r} is not registered: {', '.join(sorted(REWARDS))}")
+            continue
+        if isinstance(spec, (int, float)):
+            weights[name] = float(spec)
+            continue
+        spec = dict(spec)
+        if not isinstance(spec.get("weight"), (int, float)):
+            errors.append(f"rewards.{name} needs a number 'weight' next to its options")
+        unknown = sorted(set(spec) - {"weight"} - OPTIONS[name])
+        if unknown:
+            errors.append(f"rewards.{name} has unknown options {unknown}; it takes: {', '.join(sorted(OPTIONS[name]))}")
+        weights[name] = spec.pop("weight", 0.0)
+        options[name] = spec
+    if errors:
+        raise ValueError("; ".join(errors))
+    return weights, options
+
+
+def score(completions: list[str], items: list[dict], weights, options: dict[str, dict] | None = None
+          ) -> tuple[np.ndarray, dict]:
     """Weighted sum of the named rewards for each completion.
 
-    Returns rewards float32 [N] and info: "<name>/mean", "<name>/fail/<reason>" counts, "<name>/time_s" and
-    "reward_time_s". A weight of 0 computes and logs a reward without it counting.
+    `weights`: the config's `rewards` section (`split`); `options` add to the options it holds. Returns rewards
+    float32 [N] and info: "<name>/mean", "<name>/fail/<reason>" counts, "<name>/time_s" and "reward_time_s".
+    A weight of 0 computes and logs a reward without it counting.
     """
     if len(completions) != len(items):
         raise ValueError(f"{len(completions)} completions but {len(items)} items")
     unknown = sorted(set(weights) - set(REWARDS))
     if unknown:
         raise ValueError(f"unknown reward(s) {unknown}; known: {sorted(REWARDS)}")
-    options = options or {}
-    extra = sorted(set(options) - set(weights))
+    weights, given = split(weights)
+    extra = sorted(set(options or {}) - set(weights))
     if extra:
         raise ValueError(f"options given for reward(s) {extra} that are not in weights {sorted(weights)}")
+    options = {name: {**given.get(name, {}), **(options or {}).get(name, {})} for name in weights}
     start = time.perf_counter()
     total = np.zeros(len(completions), np.float64)
     info: dict[str, float] = {}
     for name, weight in weights.items():
         t = time.perf_counter()
-        results = REWARDS[name](completions, items, **options.get(name, {}))
+        results = REWARDS[name](completions, items, **options[name])
         values = np.zeros(len(completions), np.float64)
         reasons = collections.Counter()
         for i, r in enumerate(results):
@@ -233,18 +271,38 @@ def _tests(item: dict) -> str:
     return "\n".join(tests) if isinstance(tests, (list, tuple)) else str(tests)
 
 
-@register("code", batched=True)
-def code_reward(completions: list[str], items: list[dict], *, max_workers: int | None = None, **limits):
-    """1 if the completion's code followed by the item's tests runs to its end in the sandbox, else 0.
-    Options: max_workers (parallel programs) and any field of sandbox.Limits (wall_s, cpu_s, memory_mb, ...)."""
+@register("code", batched=True, options_from=sandbox.Limits)
+def code_reward(completions: list[str], items: list[dict], *, workers: int = 0, deadline_s: float = 120.0,
+                allow_missing: str = "", **limits):
+    """1 if the completion's code runs in the sandbox and the item's tests hold on the values its functions
+    return (judged in the trainer: zenjax.rl.judge), else 0.
+    Options: workers (programs at once; 0: this host's cores), deadline_s (per call of `score`, i.e. per step:
+    programs still running then are stopped and score 0 "timeout"; 0: none), allow_missing (isolation layers the
+    user accepts to run without: sandbox.require) and any field of sandbox.Limits (wall_s, cpu_s, memory_mb, ...)."""
+    sandbox.require(allow_missing)
     lim = sandbox.Limits(**limits)
-    programs, slots = [], []
-    for i, (c, it) in enumerate(zip(completions, items)):
-        code = extract_code(c)
-        if code is not None:
-            programs.append(code + "\n\n" + _tests(it) + "\n")
-            slots.append(i)
     out: list = [(0.0, "no_code")] * len(completions)
-    for i, res in zip(slots, sandbox.run_many(programs, lim, max_workers)):
-        out[i] = (1.0, None) if res.passed else (0.0, res.reason)
+    plans: dict[str, judge.Plan | None] = {}
+    jobs = []
+    for i, (c, it) in enumerate(zip(completions, items)):
+        tests = _tests(it)
+        if tests not in plans:
+            try:
+                plans[tests] = judge.parse(tests)
+            except judge.Unsupported as e:
+                log.warning("code reward: item %r scores 0: %s", it.get("id"), e)
+                plans[tests] = None
+        code = extract_code(c)
+        if plans[tests] is None:
+            out[i] = (0.0, "unsupported_test")
+        elif code is not None:
+            jobs.append((i, code, plans[tests]))
+    results = sandbox.run_many([code for _, code, _ in jobs], lim, workers or None,
+                               calls=[p.calls for _, _, p in jobs], setups=[p.setup for _, _, p in jobs],
+                               deadline_s=deadline_s or None)
+    for (i, _, plan), res in zip(jobs, results):
+        if not res.passed:
+            out[i] = (0.0, res.reason)
+        else:
+            out[i] = (1.0, None) if judge.judge(plan, res.values) else (0.0, "wrong")
     return out

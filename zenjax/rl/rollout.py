@@ -133,11 +133,12 @@ def _whole_batch(r: np.ndarray, lengths: np.ndarray, info: dict, rows: np.ndarra
     return r_all, len_all, merged
 
 
-def collect(model, items: list[dict], tokenizer, rl, reward_weights: dict[str, float], rng: jax.Array, *,
+def collect(model, items: list[dict], tokenizer, rl, reward_weights, rng: jax.Array, *,
             prompt_len: int, rows: np.ndarray | None = None, overlap: Callable[[dict], dict] | None = None,
             layout: RowLayout | None = None):
     """One rollout batch of len(items) * group_size rows, grouped [p0 g0..g(G-1), p1 ...], its metrics and this
-    process's texts.
+    process's texts. `reward_weights` is the config's `rewards` section: weights, and options such as the code
+    reward's per-step `deadline_s` (`rewards.split`).
 
     `items` are the global batch (the same on every process); this process fetches, decodes and scores its `rows`
     (default all), which must be whole groups and held by its devices. The batch's sequences stay on device, whole;
