@@ -186,6 +186,7 @@ def install_signal_handlers(signals=(signal.SIGTERM, signal.SIGINT)) -> Callable
         return bool(_gather(bool(received)).any())
 
     previous = {s: signal.signal(s, handle) for s in signals}
+    should_stop.received = received  # which signal stopped the run: its exit status
     return should_stop
 
 

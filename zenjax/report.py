@@ -53,4 +53,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "A training workdir holding metrics.jsonl.", required=True)
-    app.run(main)
+    app.run(main, flags_parser=lambda argv: cli.exit_on_help(argv) or flags.FLAGS(argv))
