@@ -7,8 +7,10 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import torch
@@ -16,8 +18,10 @@ import transformers
 from flax import nnx
 
 from tests.hf_util import dense_config, save_random
+from tests.test_tokenizer import _save_bpe
 from zenjax import weights
 from zenjax.models import Qwen3
+from zenjax.weights import umask as _umask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One CPU device (not the 8 simulated ones the test process has), the platforms jax finds (it must not report the
@@ -41,31 +45,69 @@ def _run(args, cwd, timeout=300):
     return proc.returncode, out, err
 
 
+def _snapshot(directory):
+    """Every file and folder under `directory` with its size, mtime and mode: equal snapshots, nothing changed."""
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_mode)
+            for p in directory.rglob("*")}
+
+
+def _stop_with(signum, args, cwd, metrics, lines):
+    """Starts `args`, sends `signum` once `metrics` has `lines` rows; (exit status, stdout, stderr)."""
+    proc = _start(args, cwd)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= lines:
+            proc.send_signal(signum)
+            break
+        time.sleep(0.2)
+    out, err = proc.communicate(timeout=240)
+    return proc.returncode, out, err
+
+
 def test_hf_checkpoint_trains_from_converted_weights_and_exports_back(tmp_path):
     # Run from a directory outside the checkout: every path below is relative to it, the config path too.
-    hf_model = save_random(dense_config(vocab_size=64, tie_word_embeddings=True), tmp_path / "hf")
+    # The checkpoint has its own tokenizer (300 BPE tokens, a chat template, EOS <|im_end|>), as a Qwen3 one has.
+    hf_tok = _save_bpe(tmp_path / "hf")
+    im_end = hf_tok.convert_tokens_to_ids("<|im_end|>")
+    hf_model = save_random(dense_config(vocab_size=384, tie_word_embeddings=True, eos_token_id=im_end),
+                           tmp_path / "hf")
     rc, out, err = _run(["convert", "hf-to-orbax", "--hf=hf", "--out=weights"], tmp_path)
     assert rc == 0, err
-    # Two warm-up steps as well: a random model earns no reward, so only they are sure to move the weights.
-    rc, out, err = _run(["zenjax.train", "--config=configs/nano.py:tiny", "--config.init_from=weights",
-                         "--workdir=runs/rl", *SHORT, "--config.rl.sft_steps=2"], tmp_path)
+    # Only --config.init_from: the weights bring their tokenizer. Two warm-up steps asked for (a pretrained start
+    # has none by default): a random model earns no reward, so only they are sure to move the weights.
+    train = ["zenjax.train", "--config=configs/nano.py:tiny", "--config.init_from=weights", "--workdir=runs/rl",
+             *SHORT]
+    rc, out, err = _run([*train, "--config.rl.sft_steps=2"], tmp_path)
     assert rc == 0, err[-3000:]
     workdir = tmp_path / "runs" / "rl"
     assert f"training from the weights in weights, in {workdir}, on 1 cpu device(s)" in out
+    assert "warm-up 2/2" in out
     assert f"wrote {workdir / 'report.png'}" in out and (workdir / "report.png").exists()
     assert "Unable to initialize backend" not in err
     assert [r["step"] for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())] == [1, 2]
+    assert oct((workdir / "config.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
     rc, out, err = _run(["convert", "orbax-to-hf", "--orbax=runs/rl", "--out=export"], tmp_path)
     assert rc == 0, err
+    assert (tmp_path / "export").stat().st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's 0700
 
+    # The export is complete: its tokenizer is the checkpoint's, and generate() stops at the chat EOS.
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
+    assert tok.get_vocab() == hf_tok.get_vocab() and tok.chat_template == hf_tok.chat_template
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").float().eval()
+    assert im_end in np.atleast_1d(exported.generation_config.eos_token_id)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "what is two plus three"}],
+                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():  # <|im_end|> made likely after a few tokens: the generation must end there
+        gen = exported.generate(prompt, max_new_tokens=12, do_sample=False, sequence_bias={(im_end,): 30.0})
+    assert gen.shape[1] == prompt.shape[1] + 1 and gen[0, -1] == im_end, gen
+
     # Trained from the HF weights: Adam moves a weight by at most lr a step, 2 x 3e-3 (warm-up) + 2 x 3e-4 here,
     # while a random init would be off by the weights' own scale (0.02; the norms, perturbed, by ~0.1).
     start, end = hf_model.state_dict(), exported.state_dict()
     moved = max(float((end[k] - start[k]).abs().max()) for k in start)
     assert 0 < moved <= 2 * 3e-3 + 2 * 3e-4 + 1e-6, moved
 
-    tokens = np.random.default_rng(0).integers(0, 64, (2, 9))
+    tokens = np.random.default_rng(0).integers(0, 384, (2, 9))
     with torch.no_grad():
         want = exported(input_ids=torch.tensor(tokens)).logits.numpy()
     cfg, params = weights.load_weights(workdir, dtype="float32")
@@ -75,6 +117,43 @@ def test_hf_checkpoint_trains_from_converted_weights_and_exports_back(tmp_path):
     got = np.asarray(nnx.merge(graphdef, state)(tokens)[0])
     # float32 on both sides; 48-wide layers: the two orders of summation differ by a few ulps of logits ~1.
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+    # Wrong commands against the finished workdir: one line (or a plain answer), and nothing in it changes.
+    before = _snapshot(workdir)
+    cases = {  # args -> (exit status, the line on stderr, or on stdout for status 0)
+        ("zenjax.train", "--config=configs/next.py:tiny", "--workdir=runs/rl", *SHORT):
+            (2, "holds a run of another model or tokenizer ('zen-nano-tiny' vs 'zen-next-tiny': model_type 'qwen3' "
+                "vs 'qwen3_moe'"),
+        (*train, "--config.tokenizer=char"): (2, "--config.tokenizer=char gives token ids other meanings than the "
+                                                 "tokenizer of --config.init_from=weights"),
+        tuple(train): (0, f"the run in {workdir} is already complete (step 2 of config.steps=2)"),
+        ("zenjax.train", "--config=configs/nano.py:tiny", "--config.init_from=weights", "--workdir=never",
+         "--dry_run"): (0, "held-out split: 16 prompts of arithmetic"),
+    }
+    procs = {args: _start(list(args), tmp_path) for args in cases}
+    for args, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        status, line = cases[args]
+        assert proc.returncode == status, (args, err[-2000:])
+        if status:
+            lines = err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: ") and line in lines[0], (args, err[-2000:])
+        else:
+            assert line in out, (args, out[-2000:], err[-2000:])
+        if "--dry_run" in args:  # the model that will train (the weights'), no warm-up on pretrained weights
+            assert "vocab_size: 384" in out and "head_dim: 16" in out and "sft_steps: 0" in out, out
+            assert f"tokenizer: {tmp_path / 'weights'}" in out, out
+    assert not (tmp_path / "never").exists()
+    assert _snapshot(workdir) == before
+
+    # Stopped by a signal: its checkpoint saved, then 130 for Ctrl-C and 143 for SIGTERM, as a shell reports them.
+    resume = [*train, "--config.steps=1000"]
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        lines = len((workdir / "metrics.jsonl").read_text().splitlines()) + 1  # once it trains a step
+        rc, out, err = _stop_with(signum, resume, tmp_path, workdir / "metrics.jsonl", lines)
+        assert rc == 128 + signum, (signum, rc, err[-2000:])
+        saved = int(re.search(r"checkpoint saved at step (\d+), exiting", out).group(1))
+        assert saved >= lines and weights.locate(workdir).step == saved
 
 
 def test_bad_input_is_one_line_and_exit_status_2(tmp_path):

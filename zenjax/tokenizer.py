@@ -56,7 +56,8 @@ class CharTokenizer(Tokenizer):
             return [self._ids[c] for c in text]
         except KeyError as e:
             raise ValueError(f"CharTokenizer cannot encode {e.args[0]!r} in {text!r}; "
-                             f"it knows {self.CHARS!r}") from None
+                             f"it knows {self.CHARS!r}; pass --config.tokenizer=<an HF tokenizer dir> for other text"
+                             ) from None
 
     def decode(self, ids: Sequence[int]) -> str:
         # Special tokens have no text; an id outside the vocabulary is a caller bug worth failing on.

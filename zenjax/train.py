@@ -34,7 +34,7 @@ from zenjax.tokenizer import Tokenizer, load_tokenizer
 from zenjax.train_state import RLHyper, State, abstract_state, init_state, make_functions, make_optimizer, \
     make_rollout_copy, make_sft_step
 from zenjax.weights import ParamsReader, load_weights, locate, read_config
-from zenjax.workdir import check_identity, check_usable, has_tokenizer, same_vocabulary, write_identity
+from zenjax.workdir import check_identity, check_usable, has_tokenizer, latest_step, same_vocabulary, write_identity
 
 FLAGS = flags.FLAGS
 VOCAB_MULTIPLE = 128  # a from-scratch vocabulary grown to cover its tokenizer is rounded up to this
@@ -108,7 +108,8 @@ def _architecture_of(model: ml_collections.ConfigDict, cfg) -> None:
     """config.model's fields set to the weights' architecture, so printed and saved configs show what trains."""
     with model.ignore_type():
         for f in dataclasses.fields(cfg):
-            if f.name in model and f.name not in RUNTIME_FIELDS and not isinstance(model[f.name], ml_collections.ConfigDict):
+            if (f.name in model and f.name not in RUNTIME_FIELDS
+                    and not isinstance(model[f.name], ml_collections.ConfigDict)):
                 model[f.name] = getattr(cfg, f.name)
 
 
@@ -171,6 +172,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, signalled: list[int] 
     workdir = os.path.abspath(workdir)  # Orbax needs absolute paths; the run may change directory
     rl = config.rl
     main = jax.process_index() == 0
+    done = latest_step(workdir)
+    if done is not None and done >= config.steps:  # nothing to compile, run or write
+        print(f"the run in {workdir} is already complete (step {done} of config.steps={config.steps}); "
+              "pass a larger --config.steps to train on")
+        return []
     if main:  # the source's other keys (token ids) kept, as a weights dir keeps them
         model_hf = {**(read_hf_config(config.model.hf_config) if config.model.hf_config else {}), **cfg.to_hf()}
         write_identity(workdir, model_hf, config.to_json_best_effort(indent=1), tokenizer)
@@ -193,9 +199,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, signalled: list[int] 
             state = State(graphdef, params, opt_state, param_sh, opt_sh)
             loader.set_state(meta["data"])
             note = f"resumed from step {start} of {workdir}"
-            if start >= config.steps:  # nothing to compile or run
-                note = (f"the run in {workdir} is already complete (step {start} of config.steps={config.steps}); "
-                        "pass a larger --config.steps to train on")
         else:
             start, meta, params = 0, {}, None
             note = f"training from scratch in {workdir}"
@@ -204,7 +207,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, signalled: list[int] 
                 note = f"training from the weights in {config.init_from}, in {workdir}"
             state = init_state(cfg, tx, mesh, config.seed, params)
         writer = MetricsWriter(workdir, config.steps, start, enabled=main)
-        writer.log(note if start >= config.steps else f"{note}, on {mesh.size} {mesh.devices.flat[0].platform} device(s)")
+        writer.log(f"{note}, on {mesh.size} {mesh.devices.flat[0].platform} device(s)")
         logprobs_fn, update_fn = make_functions(state, cfg, tx, hyper, mesh, schedule, s.layout)
         # Decoding reads a compute-dtype copy in the rollout layout, or (rl.rollout_copy=False) the training state.
         policy_of = make_rollout_copy(cfg, mesh) if rl.rollout_copy else state.model
