@@ -159,7 +159,11 @@ def test_hf_checkpoint_trains_from_converted_weights_and_exports_back(tmp_path):
 def test_bad_input_is_one_line_and_exit_status_2(tmp_path):
     (tmp_path / "bad.jsonl").write_text("\n".join([json.dumps({"prompt": "1+1=", "answer": "2"})] * 3
                                                   + ['{"question": "no prompt field"}']) + "\n")
-    cases = {
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "upper.jsonl").write_text("".join(json.dumps({"prompt": "What is 1+1?", "answer": "2"}) + "\n"
+                                                  for _ in range(3)))
+    (tmp_path / "a_file").write_text("not a directory")
+    cases = {  # the arguments after --config=configs/next.py:tiny (unless they name a config) -> the line
         "--config.rl.grup_size=3": "did you mean --config.rl.group_size?",
         "--config.rl.loss=ppo": "rl.loss='ppo' is not a registered loss",
         "--config.steps=-5": "steps=-5 must be >= 1",
@@ -168,18 +172,32 @@ def test_bad_input_is_one_line_and_exit_status_2(tmp_path):
         "--config.data.source=bad.jsonl": "bad.jsonl:4: no prompt field 'prompt'",
         "--config=configs/nope.py": "config file 'configs/nope.py' not found",
         "--config=configs/next.py:huge": "unknown config variant 'huge'",
+        "--config.data.source=empty.jsonl": "data.source 'empty.jsonl' holds no prompts",
+        # Found on the first batch, which is read before anything is written.
+        "--config.data.source=upper.jsonl --config.data.eval_size=1":
+            ("prompt 'upper.jsonl:", "': CharTokenizer cannot encode 'W'"),  # file:line, whichever line comes first
+        "--workdir=a_file": f"{tmp_path / 'a_file'} is a file; pass a directory",
+        "--workdir=a_file/run": f"{tmp_path / 'a_file' / 'run'} cannot be created: {tmp_path / 'a_file'} is a file",
     }
-    procs = {arg: _start(["zenjax.train", arg, f"--workdir=run{i}"] + ([] if arg.startswith("--config=") else
-                                                                     ["--config=configs/next.py:tiny"]), tmp_path)
-             for i, arg in enumerate(cases)}
+
+    def command(i, arg):
+        args = arg.split()
+        config = [] if args[0].startswith("--config=") else ["--config=configs/next.py:tiny"]
+        workdir = [] if args[0].startswith("--workdir=") else [f"--workdir=run{i}"]
+        return ["zenjax.train", *config, *workdir, *args]
+
+    procs = {arg: _start(command(i, arg), tmp_path) for i, arg in enumerate(cases)}
     procs["report"] = _start(["zenjax.report", "--workdir=missing"], tmp_path)
     cases["report"] = "no metrics.jsonl in"
+    before = _snapshot(tmp_path)
     for i, (arg, proc) in enumerate(procs.items()):
         out, err = proc.communicate(timeout=300)
         lines = err.strip().splitlines()
         assert proc.returncode == 2, (arg, err[-2000:])
-        assert len(lines) == 1 and lines[0].startswith("error: ") and cases[arg] in lines[0], (arg, err[-2000:])
+        want = cases[arg] if isinstance(cases[arg], tuple) else (cases[arg],)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and all(w in lines[0] for w in want), (arg, err)
         assert not (tmp_path / f"run{i}").exists(), f"{arg}: a failed start left a workdir"
+    assert _snapshot(tmp_path) == before
 
 
 def test_dry_run_prints_the_config_and_plan_and_runs_nothing(tmp_path):
@@ -190,8 +208,12 @@ def test_dry_run_prints_the_config_and_plan_and_runs_nothing(tmp_path):
     assert "parameters   total" in out and "per-device memory" in out  # the plan
     assert "nothing was compiled or written" in out
     assert not (tmp_path / "never").exists()
-    rc, out, err = _run(["zenjax.train", "--help"], tmp_path)  # absl's --help exits 1
-    assert "--dry_run" in out and "--config.a.b=VALUE" in out
+    helps = {tool: _start([tool, "--help"], tmp_path)
+             for tool in ("zenjax.train", "zenjax.plan", "zenjax.report", "zenjax.compile")}
+    outs = {tool: proc.communicate(timeout=300)[0] for tool, proc in helps.items()}
+    assert all(proc.returncode == 0 for proc in helps.values()), outs  # absl's own --help exits 1
+    assert "--dry_run" in outs["zenjax.train"] and "--config.a.b=VALUE" in outs["zenjax.train"]
+    assert "--devices" in outs["zenjax.plan"] and "--workdir" in outs["zenjax.report"]
 
 
 def test_the_plan_cli_finds_configs_from_another_directory(tmp_path):

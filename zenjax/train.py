@@ -6,22 +6,37 @@ at the end and on SIGTERM/SIGINT; a restart with the same workdir resumes exactl
 """
 from __future__ import annotations
 
+import sys
+
+from absl import flags
+
+from zenjax import cli, hostmem
+
+if __name__ == "__main__":  # before the imports below: --help and the huge-page re-exec need none of them
+    flags.DEFINE_string("config", "configs/next.py:tiny", cli.CONFIG_HELP + " (--dry_run prints every field)")
+    flags.DEFINE_string("workdir", "runs/default", "Checkpoints, metrics and plots go here.")
+    flags.DEFINE_bool("dry_run", False, "Check the config and its inputs, print it and its plan, run nothing.")
+    flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs without a cluster manager).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+    flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+    cli.exit_on_help(sys.argv[1:])
+    hostmem.reexec_with_huge_pages()
+
+# ruff: noqa: E402 - the imports that take seconds come after the command line's early exits
 import copy
 import dataclasses
 import functools
 import os
 import signal
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import flags
 from absl import logging as absl_logging
 
-from zenjax import cli, distributed, hostmem, plan, sharding
+from zenjax import distributed, plan, sharding
 from zenjax.checkpoint import Checkpointer, frozen_reference, install_signal_handlers
 from zenjax.config import RUNTIME_FIELDS, logprob_rows, model_config_from, prompt_media, validate
 from zenjax.data import PromptLoader, eval_items
@@ -355,11 +370,4 @@ def main(config: ml_collections.ConfigDict, argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("config", "configs/next.py:tiny", cli.CONFIG_HELP + " (--dry_run prints every field)")
-    flags.DEFINE_string("workdir", "runs/default", "Checkpoints, metrics and plots go here.")
-    flags.DEFINE_bool("dry_run", False, "Check the config and its inputs, print it and its plan, run nothing.")
-    flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs without a cluster manager).")
-    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
-    flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
-    hostmem.reexec_with_huge_pages()
     cli.run(main)
