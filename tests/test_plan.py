@@ -104,7 +104,7 @@ def test_activation_estimate_tracks_xla_buffer_assignment(remat):
 
 def test_chip_warnings():
     c = nano.get_config()
-    assert "does not fit" in plan(c, num_devices=1, chip="v5e").warnings()[0]  # 16 GB
+    assert "does not fit" in plan(c, num_devices=1, chip="v5e").warnings()[0]  # 16 GiB
     assert plan(c, num_devices=8, chip="h200").warnings() == []
     with pytest.raises(ValueError, match="unknown chip 'v9'"):
         plan(c, num_devices=8, chip="v9")
