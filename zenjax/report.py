@@ -25,6 +25,7 @@ class Panel:
     right: tuple[str, tuple[tuple[str, str], ...]] | None = None  # a second y-axis: (label, curves)
     right_absent: str = ""  # what a run without the second axis's metrics says instead
     fraction: bool = False  # values in [0, 1]: the whole range shown
+    log: bool = False  # a log y-axis: the first step's compile time would flatten the others
     moe: bool = False  # only for models with experts
 
 
@@ -41,18 +42,19 @@ PANELS = (
     Panel("Completion length", "tokens", (("completion_len_mean", "mean"), ("completion_len_max", "longest"))),
     Panel("Optimisation", "gradient L2 norm (before clipping)", (("grad_norm", "gradient norm"),),
           right=("policy entropy (nats / token)", (("entropy", "entropy"),))),
-    Panel("Time per step", "seconds", (("time_sampling", "sampling"), ("time_rewards", "rewards"),
-                                       ("time_updates", "updates"), ("time_step", "whole step"))),
+    Panel("Time per step (step 1 compiles)", "seconds (log scale)",
+          (("time_sampling", "sampling"), ("time_rewards", "rewards"), ("time_updates", "updates"),
+           ("time_step", "whole step")), log=True),
     Panel("Expert load", "busiest expert / mean (1 = balanced)", (("max_load_ratio", "max load ratio"),),
           right=("experts that got no token", (("dead_experts", "dead experts"),)), moe=True),
     Panel("Routing stability", "fraction of expert choices", (("routing_change", "routing change"),),
-          right=("load-balance loss (1 = balanced)", (("aux_loss", "aux loss"),)), moe=True),
+          right=("load-balance loss (= top-k when balanced)", (("aux_loss", "aux loss"),)), moe=True),
 )
 CAPTION = ("max load ratio: tokens routed to the busiest expert over the mean, averaged over layers (1 = even load).  "
            "dead experts: experts that received no token in the step (mean over layers).\n"
            "routing change: share of the tokens' top-k expert choices that differ between the step's old-policy "
            "pass and the update (later minibatches see updated routers).  aux loss: the load-balance loss "
-           "E * sum_e f_e * P_e (1 when balanced).")
+           "E * sum_e f_e * P_e, as transformers computes it (top-k when balanced).")
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
 
 
@@ -81,7 +83,19 @@ def title(workdir: str) -> str:
 
 
 def plot(workdir: str) -> str:
-    import matplotlib  # noqa: PLC0415 - plotting is optional at import time
+    """Writes and returns DIR/report.png."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - plotting is optional at import time
+
+    fig = figure(workdir)
+    path = os.path.join(workdir, "report.png")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def figure(workdir: str):
+    """The report's matplotlib Figure."""
+    import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -105,9 +119,10 @@ def plot(workdir: str) -> str:
             if pts:
                 xs, ys = zip(*pts)
                 handles += ax.plot(xs, ys, color=color, marker="o" if len(pts) < 20 else None, ms=3, label=label)
+        ax.ticklabel_format(axis="y", useOffset=False)  # values as they are, not as offsets from +4.115
         return handles
 
-    for ax, p in zip(axes.flat, panels):
+    for i, (ax, p) in enumerate(zip(axes.flat, panels)):
         handles = draw(ax, p.curves, 0)
         ax.set_title(p.title)
         ax.set_xlabel("GSPO step")
@@ -120,9 +135,12 @@ def plot(workdir: str) -> str:
             ax.text(0.99, 0.02, p.right_absent, transform=ax.transAxes, ha="right", fontsize=8, color="gray")
         if p.fraction:
             ax.set_ylim(-0.02, max(1.02, ax.get_ylim()[1]))
-        if warm_up:
-            handles.append(ax.axvspan(-band, 0, color="gray", alpha=0.25,
-                                      label=f"warm-up: {warm_up} supervised steps (not to scale)"))
+        if p.log:
+            ax.set_yscale("log")
+        if warm_up:  # named once, in the first panel's legend
+            span = ax.axvspan(-band, 0, color="gray", alpha=0.25,
+                              label=f"warm-up: {warm_up} supervised steps before step 1 (not to scale)")
+            handles += [span] if i == 0 else []
         ax.set_xlim(-band if warm_up else 0, last + 0.5)
         if handles:
             ax.legend(handles=handles, fontsize=8)
@@ -130,10 +148,7 @@ def plot(workdir: str) -> str:
     if moe:
         fig.text(0.01, 0.005, CAPTION, fontsize=8, va="bottom")
     fig.tight_layout(rect=(0, 0.06 if moe else 0, 1, 1))
-    path = os.path.join(workdir, "report.png")
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def main(argv):
