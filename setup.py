@@ -3,8 +3,8 @@ before it downloads the dependencies, and then fails on one of them (grain) inst
 import sys
 
 if sys.version_info < (3, 11):
-    sys.exit(f"error: zenjax needs Python >= 3.11, this is {".".join(map(str, sys.version_info[:3]))}; create the virtualenv with "
-             "python3.11 or newer (python3.11 -m venv .venv)")
+    sys.exit("error: zenjax needs Python >= 3.11, this is %d.%d.%d; create the virtualenv with python3.11 or "
+             "newer (python3.11 -m venv .venv)" % tuple(sys.version_info[:3]))  # no f-string: old Pythons parse it
 
 from setuptools import setup  # noqa: E402
 
