@@ -189,8 +189,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, signalled: list[int] 
     main = jax.process_index() == 0
     done = latest_step(workdir)
     if done is not None and done >= config.steps:  # nothing to compile, run or write
-        print(f"the run in {workdir} is already complete (step {done} of config.steps={config.steps}); "
-              "pass a larger --config.steps to train on")
+        if main:
+            print(f"the run in {workdir} is already complete (step {done} of config.steps={config.steps}); "
+                  "pass a larger --config.steps to train on")
         return []
     if main:  # the source's other keys (token ids) kept, as a weights dir keeps them
         model_hf = {**(read_hf_config(config.model.hf_config) if config.model.hf_config else {}), **cfg.to_hf()}
