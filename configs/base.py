@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0  # params init, sampling and data order
     c.steps = 1000  # GSPO steps (one rollout batch each)
     c.init_from = ""  # weights dir (convert hf-to-orbax output) to start from; empty = random init
-    c.tokenizer = "char"  # "char" (built-in) or a local HF tokenizer directory
+    c.tokenizer = ""  # "char" (built-in) or a local HF tokenizer dir; "": init_from's own, else "char"
     c.model = model_config()
 
     c.mesh = ml_collections.ConfigDict()
@@ -86,7 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.rl.engine = "continuous"  # rollout sampler: "continuous" (decode slots refilled as sequences end) | "static"
     c.rl.slots = 0  # decode slots of the continuous engine; 0 = as many as the rollout's memory holds (zenjax.plan)
     c.rl.rollout_copy = True  # decode from a compute-dtype copy in the rollout layout; False: from the training state
-    c.rl.sft_steps = 0  # supervised warm-up steps on reference answers before GSPO (synthetic tasks)
+    c.rl.sft_steps = 0  # supervised warm-up steps on reference answers before GSPO; -N: N from random init only
     c.rl.sft_lr = 1e-3  # learning rate of the warm-up
 
     c.rewards = ml_collections.ConfigDict({"math": 1.0})  # reward name -> weight
@@ -106,7 +106,7 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.name += "-tiny"  # keeps tiny runs apart from the real ones in logs
     c.hf_model_id = ""  # no checkpoint describes it
     c.init_from = ""  # random init, then the SFT warm-up
-    c.tokenizer = "char"  # built-in character tokenizer (53 ids)
+    c.tokenizer = ""  # init_from's own tokenizer, else the built-in character one (53 ids)
     c.steps = 600  # GSPO steps: the training reward climbs from ~0.4-0.6 to ~0.8-1.0 (README)
     m.hf_config = ""  # the shapes below define it
     m.vocab_size = 64  # covers the char tokenizer, rounded up
@@ -143,7 +143,7 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.rl.max_new_tokens = 6  # answers are at most a few digits plus EOS
     c.rl.slots = 64  # half the 128 sequences: slots are refilled as answers end
     c.rl.logprob_chunk = 64  # whole sequences fit in one chunk
-    c.rl.sft_steps = 100  # supervised warm-up: first rollouts earn ~0.3, leaving room to learn
+    c.rl.sft_steps = -100  # warm-up from random init (first rollouts earn ~0.3); none on init_from weights
     c.rl.sft_lr = 3e-3  # warm-up learning rate
     c.rewards = ml_collections.ConfigDict({"math": 1.0})  # numeric answer matches the reference
     c.data.source = "arithmetic"  # built-in task

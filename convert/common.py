@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 import shutil
+from collections.abc import Mapping
 
 import numpy as np
 from tqdm import tqdm
@@ -18,11 +20,17 @@ DTYPES = {"bfloat16": SAFETENSORS_DTYPES["BF16"], "float16": SAFETENSORS_DTYPES[
           "float32": SAFETENSORS_DTYPES["F32"]}
 
 
-def copy_side_files(src: str, dst: str) -> list[str]:
+def copy_side_files(src: str, dst: str, hf_config: Mapping) -> list[str]:
+    """The tokenizer and generation files of `src`; a generation_config.json made from the model config's token
+    ids when `src` has none, so that generate() stops at EOS."""
     names = sorted(n for n in os.listdir(src)
                    if os.path.isfile(os.path.join(src, n)) and any(fnmatch.fnmatch(n, p) for p in SIDE_FILES))
     for n in names:
         shutil.copyfile(os.path.join(src, n), os.path.join(dst, n))
+    if "generation_config.json" not in names:
+        generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_config}
+        with open(os.path.join(dst, "generation_config.json"), "w") as f:
+            json.dump({**generation, "_from_model_config": True}, f, indent=2)
     return names
 
 

@@ -56,10 +56,16 @@ def describe(path: str) -> str:
     return "\n".join(lines)
 
 
+# How a run computes, not what the checkpoint holds: `dtype` read as the weights' dtype (bfloat16 for float32 files).
+RUN_CHOICES = ("dtype", "remat", "moe_impl", "kernels")
+
+
 def _fields(cfg, prefix: str = "") -> list[str]:
-    """One line per config field; a nested config's fields (the thinker's towers) under its name."""
+    """One line per config field stored with the weights; a nested config's (the thinker's towers) under its name."""
     out = []
     for f in dataclasses.fields(cfg):
+        if f.name in RUN_CHOICES:
+            continue
         value = getattr(cfg, f.name)
         out += (_fields(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value)
                 else [f"  {prefix}{f.name}: {value}"])

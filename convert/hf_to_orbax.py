@@ -46,7 +46,7 @@ def hf_to_orbax(hf_dir: str, out: str, *, dtype: np.dtype | None = None,
             stored = {str(d) for d in dtypes.values()}
             name = stored.pop() if len(stored) == 1 else "float32"
             weights.write_config(tmp, cfg, src.config, dtype=name, torch_dtype=name)
-            copy_side_files(hf_dir, tmp)
+            copy_side_files(hf_dir, tmp, src.config)
             # Slices are written in the background while the next is read, up to half the largest in flight.
             writer = weights.WeightsWriter(os.path.join(tmp, weights.PARAMS), cfg, dtypes, mesh_shape,
                                            inflight_bytes=max(nbytes) // 2)

@@ -125,9 +125,5 @@ def orbax_to_hf(src: str, out: str, *, dtype: np.dtype | None = None, max_shard_
         hf_config = {**source_config, **cfg.to_hf(), "dtype": name, "torch_dtype": name}
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
-        copy_side_files(loc.files_dir, tmp)
-        if not os.path.exists(os.path.join(tmp, "generation_config.json")):
-            generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_config}
-            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-                json.dump({**generation, "_from_model_config": True}, f, indent=2)
+        copy_side_files(loc.files_dir, tmp, hf_config)
     return os.path.abspath(out)

@@ -36,11 +36,15 @@ while [[ $# -gt 0 ]]; do
     --log-dir) log_dir="$2"; shift 2 ;;
     --grace) grace="$2"; shift 2 ;;
     -h|--help) usage ;;
-    --*) echo "unknown option $1" >&2; usage ;;
+    --*) echo "local_multiprocess.sh: unknown option $1 (its own: --devices --cmd --log-dir --grace --dry-run);" \
+           "the number of processes N comes before the command's arguments: $0 2 --config=..." >&2; exit 2 ;;
     *) break ;;
   esac
 done
-[[ $# -ge 1 && "$1" =~ ^[1-9][0-9]*$ ]] || usage
+if [[ $# -lt 1 || ! "$1" =~ ^[1-9][0-9]*$ ]]; then
+  echo "local_multiprocess.sh: expected the number of processes N, got '${1:-nothing}': $0 2 --config=..." >&2
+  exit 2
+fi
 n="$1"; shift
 read -r -a cmd_words <<< "$cmd"
 

@@ -214,7 +214,11 @@ run() {
   steps+=("cd ~/zenjax"
     "{ nohup $train > ~/zenjax-train.log 2>&1 < /dev/null & echo \$! > ~/zenjax-train.pid; }")
   on_workers "$(chain "${steps[@]}")"
-  echo "started; follow with: $0 --name $name --zone $zone${project:+ --project $project} logs"
+  if [[ $dry_run == 1 ]]; then
+    echo "dry run: nothing was started"
+  else
+    echo "started; follow with: $0 --name $name --zone $zone${project:+ --project $project} logs"
+  fi
 }
 
 case "$command" in

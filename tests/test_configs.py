@@ -214,7 +214,7 @@ def test_tiny_config_validates_and_runs_a_forward(name):
     cfg = text_config(model_config_from(c.model))  # an Omni thinker's decoder: its media, in test_train
     assert (cfg.num_experts > 0) == (full.model.num_experts > 0)  # same family
     assert cfg.tie_embeddings == full.model.tie_embeddings and cfg.norm_topk_prob == full.model.norm_topk_prob
-    assert c.tokenizer == "char" and cfg.vocab_size >= CharTokenizer().vocab_size
+    assert c.tokenizer == "" and cfg.vocab_size >= CharTokenizer().vocab_size  # "": char without init_from
     assert count_params(cfg).total < 200_000
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, CharTokenizer().vocab_size)
     logits = _init_and_forward(cfg, tokens)

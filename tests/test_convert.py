@@ -228,6 +228,8 @@ def test_inspect_hf_dir_counts_parameters(dense, capsys):
     out = capsys.readouterr().out
     assert f"parameters: {sum(p.numel() for p in ref.parameters()):,}" in out
     assert "model.layers.2.mlp.down_proj.weight" in out and "matches the config: yes" in out
+    # The stored dtype, not the compute dtype a run would choose (which read as "bfloat16" for float32 files).
+    assert "param_dtype: float32" in out and "\n  dtype:" not in out
 
 
 def _rewrite(directory, change):

@@ -366,3 +366,6 @@ def test_media_errors_name_the_row_and_the_file(tmp_path):
     _write_wav(empty, np.zeros((0, 1), "<i2"), 16000, 2)
     with pytest.raises(ValueError, match="cannot read audio .*empty.wav': no samples"):
         data.load_media({"id": "e", "audio_paths": [str(empty)]})
+    (tmp_path / "cut.wav").write_bytes(b"RIFF")  # cut short: wave raises a bare EOFError, whose text is empty
+    with pytest.raises(ValueError, match="cannot read audio .*cut.wav': EOFError; audio must be a PCM WAV file"):
+        data.load_media({"id": "c", "audio_paths": [str(tmp_path / "cut.wav")]})

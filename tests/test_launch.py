@@ -353,6 +353,16 @@ def test_a_dry_run_anywhere_runs_nothing(tmp_path, name, slot):
     assert r.returncode == 0, r.stderr
     assert ran == "", f"a dry run started {ran!r}"
     assert r.stdout.startswith("+ ") and "--dry-run" not in r.stdout  # it says what would run, flag not passed on
+    assert "started" not in r.stdout.replace("nothing was started", "")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/next.py:tiny"], "unknown option --config (its own: --devices"),
+    (["x", "--config=configs/next.py:tiny"], "expected the number of processes N, got 'x'"),
+])
+def test_local_launcher_without_n_says_so(args, message):
+    r = _run(["bash", str(LAUNCH / "local_multiprocess.sh"), *args])
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()] and message in r.stderr, r
 
 
 @pytest.mark.parametrize("name", list(DRY_RUNS))

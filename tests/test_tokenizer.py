@@ -87,6 +87,9 @@ def test_char_tokenizer():
 def test_load_tokenizer_rejects_unknown(tmp_path):
     with pytest.raises(ValueError, match="neither 'char' nor"):
         load_tokenizer(str(tmp_path / "missing"))
+    (tmp_path / "tokenizer.json").write_text('{"fake": 1}')  # a weights dir with broken tokenizer files
+    with pytest.raises(ValueError, match=r"transformers cannot load its tokenizer files \(KeyError"):
+        load_tokenizer(str(tmp_path))
 
 
 def test_media_placeholders_open_the_user_turn(tmp_path):

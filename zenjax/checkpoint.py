@@ -252,6 +252,7 @@ def install_signal_handlers(signals=(signal.SIGTERM, signal.SIGINT)) -> Callable
 
     storage.stop_watching()
     previous = {s: signal.signal(s, handle) for s in signals}
+    should_stop.received = received  # which signal stopped the run: its exit status
     return should_stop
 
 

@@ -133,6 +133,16 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
 CONFIG_HELP = "config file[:tiny], e.g. configs/next.py:tiny; set any field with --config.a.b=VALUE"
 
 
+HELP = {"--help", "-h", "-?", "--helpshort"}
+
+
+def exit_on_help(argv: list[str]) -> None:
+    """--help prints the tool's flags and exits 0 (absl's own exits 1, which reads as a failure in scripts)."""
+    if HELP & set(argv):
+        app.usage(shorthelp=True, writeto_stdout=True)
+        sys.exit(0)
+
+
 def run(main: Callable[[ml_collections.ConfigDict, list[str]], None]) -> None:
     """absl's app.run for a tool taking a config: `main(config, argv)` with the overrides applied; a UserError
     from flags, config or `main` is one line and exit status 2."""
@@ -141,6 +151,7 @@ def run(main: Callable[[ml_collections.ConfigDict, list[str]], None]) -> None:
     def parse(argv):
         try:
             rest, overrides = split_argv(argv[1:])
+            exit_on_help(rest)
             args = flags.FLAGS([argv[0], *rest])
             if flags.FLAGS.config is None:
                 raise UserError("--config=configs/<family>.py[:tiny] is required")

@@ -37,7 +37,6 @@ from zenjax.models.hf import build, text_config
 from zenjax.train_state import RLHyper, State, abstract_rollout_params, abstract_state, make_functions, \
     make_optimizer, rollout_config
 
-GIB = 2**30  # chips' HBM is quoted in GiB: XLA refused 16.0 GiB on a v5e for its 15.75 GiB available
 # Slice names count TensorCores on v4 / v5p (two per chip, a 3-D torus) and chips on v5e / v6e (a 2-D one).
 GENERATIONS = {"v4": ("v4", 2, 3), "v5p": ("v5p", 2, 3), "v5e": ("v5e", 1, 2), "v5litepod": ("v5e", 1, 2),
                "v6e": ("v6e", 1, 2)}
@@ -81,7 +80,7 @@ def tpu_devices(slice_name: str) -> tuple[list, str, float]:
     except (ImportError, RuntimeError, ValueError) as e:
         raise cli.UserError(f"cannot get the {slice_name} devices from libtpu ({cli.message(e)[:200]}); install it "
                             f'with pip install -e ".[tpu]" (jax[tpu] of the installed jax version)') from None
-    return devices, chip, plan.CHIPS[chip] * GIB * chips / len(devices)
+    return devices, chip, plan.CHIPS[chip] * plan.GIB * chips / len(devices)
 
 
 # ------------------------------------------------------------------------------------------- the programs

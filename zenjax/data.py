@@ -248,7 +248,8 @@ def load_media(item: dict) -> dict:
             try:
                 arrays.append(read(path))
             except Exception as e:  # PIL, wave and numpy raise many types; each failure here is the file's
-                raise ValueError(f"prompt {item['id']!r}: cannot read {kind} {path!r}: {e}; {kind} must be "
+                why = str(e) or type(e).__name__  # a file cut short raises a bare EOFError
+                raise ValueError(f"prompt {item['id']!r}: cannot read {kind} {path!r}: {why}; {kind} must be "
                                  f"{need}") from None
         if arrays:
             out[f"{kind}s"] = arrays
@@ -267,6 +268,8 @@ def _split(cfg) -> tuple[int, Any]:
         fields = [f for f in (cfg.prompt_field, cfg.answer_field, cfg.tests_field, cfg.id_field, cfg.image_field,
                               cfg.audio_field) if f]
         items = [_to_item(p, i, r, cfg) for p, i, r in _read_rows(cfg.source, fields)]
+        if not items:
+            raise ValueError(f"data.source {cfg.source!r} holds no prompts; give it one JSON object per line")
         size, make = len(items), items.__getitem__
     if not 0 <= cfg.eval_size < size:
         raise ValueError(f"data.eval_size={cfg.eval_size} must be in [0, {size}) for source {cfg.source!r} "
@@ -311,7 +314,7 @@ class PromptLoader:
             raise ValueError(f"data.max_prompt_len must be >= 1, got {cfg.max_prompt_len}")
         self.items = make_prompt_source(cfg)
         self.tokenizer = tokenizer
-        self.prepare = prepare or (lambda item: {"prompt_ids": tokenizer.encode_prompt(item["prompt"])})
+        self.prepare = prepare or self._tokenize
         self.batch_size = batch_size
         self.max_prompt_len = cfg.max_prompt_len
         ds = grain.MapDataset.source(self.items).shuffle(seed=seed).repeat()[process_index::process_count]
@@ -342,6 +345,12 @@ class PromptLoader:
             dropped_in_a_row = 0
             batch.append({**item, **fields})
         return batch
+
+    def _tokenize(self, item: dict) -> dict:
+        try:
+            return {"prompt_ids": self.tokenizer.encode_prompt(item["prompt"])}
+        except ValueError as e:  # named by the prompt's id: its file:line when the file gives no ids
+            raise ValueError(f"prompt {item['id']!r}: {e}") from None
 
     def get_state(self) -> dict:
         return {"iterator": self._it.get_state(), "stats": dict(self.stats)}

@@ -59,8 +59,8 @@ from zenjax.models.hf import ModelConfig, build, is_omni, text_config
 from zenjax.rl import rewards, sandbox
 from zenjax.train_state import abstract_rollout_params, abstract_state, make_optimizer
 
-GB = 1e9
-# HBM per chip in GB (vendor figures; XLA needs some of it for its own buffers).
+GIB = 2**30
+# HBM per chip in GiB, the unit vendors quote it in and XLA's limit uses (XLA needs some for its own buffers).
 CHIPS = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "a100": 80, "h100": 80, "h200": 141, "b200": 180}
 HEADROOM = 0.9  # above this fraction of a chip's memory, warn that it is tight
 
@@ -223,17 +223,17 @@ class Plan:
     def warnings(self) -> list[str]:
         if self.chip is None:
             return []
-        cap = CHIPS[self.chip] * GB
+        cap = CHIPS[self.chip] * GIB
         if self.peak > cap:
-            out = [f"does not fit: peak {self.peak / GB:.1f} GB > {self.chip} {CHIPS[self.chip]} GB per chip"]
+            out = [f"does not fit: peak {self.peak / GIB:.1f} GiB > {self.chip} {CHIPS[self.chip]} GiB per chip"]
             if self.rollout_copy and self.peak - self.rollout_copy <= cap:
-                out.append(f"the rollout copy of the policy ({self.rollout_copy / GB:.1f} GB) does not fit next to "
+                out.append(f"the rollout copy of the policy ({self.rollout_copy / GIB:.1f} GiB) does not fit next to "
                            "the training state: --config.rl.rollout_copy=False decodes from the training state "
                            "(its weights all-gathered at every token)")
             return out
         if self.peak > HEADROOM * cap:
-            return [f"tight: peak {self.peak / GB:.1f} GB is over {HEADROOM:.0%} of {self.chip}'s "
-                    f"{CHIPS[self.chip]} GB per chip"]
+            return [f"tight: peak {self.peak / GIB:.1f} GiB is over {HEADROOM:.0%} of {self.chip}'s "
+                    f"{CHIPS[self.chip]} GiB per chip"]
         return []
 
 
@@ -297,7 +297,7 @@ def plan(config: ml_collections.ConfigDict, num_devices: int | None = None, chip
     shards = math.prod(sizes[a] for a in BATCH_AXES)
     mb_local = rollout // rl.minibatches // shards
     ref = device_bytes(params) if rl.kl_coef > 0 else 0
-    hbm = hbm if hbm is not None else CHIPS[chip] * GB if chip else None
+    hbm = hbm if hbm is not None else CHIPS[chip] * GIB if chip else None
     slots = rollout_slots(config, sizes, device_bytes(params) + device_bytes(opt_state) + ref + copy, hbm)
     act = {r: activation_bytes(cfg, mb_local, seq, tensor=t, expert=n, chunk=rl.logprob_chunk, remat=r)
            for r in (True, False)}
@@ -314,8 +314,12 @@ def plan(config: ml_collections.ConfigDict, num_devices: int | None = None, chip
 
 
 def si(n: float, unit: str = "") -> str:
-    """3 significant-ish digits with an SI prefix: 596.0M, 32.32B (counts use B for 1e9)."""
-    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "B" if not unit else "G"), (1e6, "M"), (1e3, "k")):
+    """3 significant-ish digits with an SI prefix: 596.0M, 32.32B (counts use B for 1e9); bytes ("B") with a binary
+    one (12.5 GiB), the unit of the chips' HBM."""
+    prefixes = ((1e15, "P"), (1e12, "T"), (1e9, "B" if not unit else "G"), (1e6, "M"), (1e3, "k"))
+    if unit == "B":
+        prefixes = tuple((2.0 ** (10 * e), p + "i") for e, p in ((5, "P"), (4, "T"), (3, "G"), (2, "M"), (1, "K")))
+    for scale, prefix in prefixes:
         if abs(n) >= scale:
             digits = max(0, 3 - len(str(int(n // scale))))
             return f"{n / scale:.{digits}f}" + (f" {prefix}{unit}" if unit else prefix)
@@ -368,7 +372,7 @@ def format_plan(p: Plan, hf_model_id: str = "") -> str:
         _row("peak", p.peak),
     ]
     if p.chip:
-        lines.append(f"{p.chip}: {CHIPS[p.chip]} GB per chip, peak uses {p.peak / (CHIPS[p.chip] * GB):.0%}")
+        lines.append(f"{p.chip}: {CHIPS[p.chip]} GiB per chip, peak uses {p.peak / (CHIPS[p.chip] * GIB):.0%}")
     lines.append("not modelled: the sampler's prefill" + ("" if p.rollout_copy else " and gathered weights")
                  + (", the encoders' activations" if c.vision or c.audio else "")
                  + " (python -m zenjax.compile counts every buffer)")

@@ -56,7 +56,8 @@ class CharTokenizer(Tokenizer):
             return [self._ids[c] for c in text]
         except KeyError as e:
             raise ValueError(f"CharTokenizer cannot encode {e.args[0]!r} in {text!r}; "
-                             f"it knows {self.CHARS!r}") from None
+                             f"it knows {self.CHARS!r}; pass --config.tokenizer=<an HF tokenizer dir> for other text"
+                             ) from None
 
     def decode(self, ids: Sequence[int]) -> str:
         # Special tokens have no text; an id outside the vocabulary is a caller bug worth failing on.
@@ -88,7 +89,11 @@ class HFTokenizer(Tokenizer):
 
         if not os.path.isdir(path):
             raise ValueError(f"tokenizer directory {path!r} does not exist")
-        self._tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        try:
+            self._tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as e:  # transformers' many ways to reject a file
+            raise ValueError(f"{path}: transformers cannot load its tokenizer files ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())}); pass a tokenizer dir as --config.tokenizer") from None
         eos = [self._tok.eos_token_id] if self._tok.eos_token_id is not None else []
         gen_path = os.path.join(path, "generation_config.json")
         if os.path.exists(gen_path):

@@ -6,33 +6,51 @@ at the end and on SIGTERM/SIGINT; a restart with the same workdir resumes exactl
 """
 from __future__ import annotations
 
+import sys
+
+from absl import flags
+
+from zenjax import cli, hostmem
+
+if __name__ == "__main__":  # before the imports below: --help and the huge-page re-exec need none of them
+    flags.DEFINE_string("config", "configs/next.py:tiny", cli.CONFIG_HELP + " (--dry_run prints every field)")
+    flags.DEFINE_string("workdir", "runs/default", "Checkpoints, metrics and plots go here.")
+    flags.DEFINE_bool("dry_run", False, "Check the config and its inputs, print it and its plan, run nothing.")
+    flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs without a cluster manager).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+    flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+    cli.exit_on_help(sys.argv[1:])
+    hostmem.reexec_with_huge_pages()
+
+# ruff: noqa: E402 - the imports that take seconds come after the command line's early exits
 import contextlib
 import copy
 import dataclasses
 import functools
-import json
 import os
+import signal
 import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import flags
 from absl import logging as absl_logging
 
-from zenjax import cli, distributed, hostmem, plan, sharding, storage
+from zenjax import distributed, plan, sharding, storage
 from zenjax.checkpoint import Checkpointer, frozen_reference, install_signal_handlers
-from zenjax.config import logprob_rows, model_config_from, prompt_media, validate
+from zenjax.config import RUNTIME_FIELDS, logprob_rows, model_config_from, prompt_media, validate
 from zenjax.data import PromptLoader, eval_items
 from zenjax.media import PromptMedia
 from zenjax.metrics import MetricsWriter
 from zenjax.models.hf import text_config
+from zenjax.models.qwen3 import read_hf_config
 from zenjax.rl import rewards, rollout
 from zenjax.tokenizer import Tokenizer, load_tokenizer
 from zenjax.train_state import RLHyper, State, abstract_state, init_state, make_functions, make_optimizer, \
     make_rollout_copy, make_sft_step
 from zenjax.weights import ParamsReader, load_weights, locate, read_config
+from zenjax.workdir import check_identity, check_usable, has_tokenizer, latest_step, same_vocabulary, write_identity
 
 FLAGS = flags.FLAGS
 VOCAB_MULTIPLE = 128  # a from-scratch vocabulary grown to cover its tokenizer is rounded up to this
@@ -102,16 +120,35 @@ class Setup:
         return None if self.media is None else self.media.layout
 
 
+def _architecture_of(model: ml_collections.ConfigDict, cfg) -> None:
+    """config.model's fields set to the weights' architecture, so printed and saved configs show what trains."""
+    with model.ignore_type():
+        for f in dataclasses.fields(cfg):
+            if (f.name in model and f.name not in RUNTIME_FIELDS
+                    and not isinstance(model[f.name], ml_collections.ConfigDict)):
+                model[f.name] = getattr(cfg, f.name)
+
+
 def setup(config: ml_collections.ConfigDict, num_devices: int | None = None) -> Setup:
-    """Checks everything the user's config and files can get wrong (fields, mesh, tokenizer, data, the weights of
-    `init_from`), raising cli.UserError naming the problem; the config returned is a resolved copy."""
+    """Checks everything the user's config and files can get wrong (fields, mesh, tokenizer, data, media, the
+    weights of `init_from`), raising cli.UserError naming the problem; the config returned is a resolved copy."""
     try:
         config = copy.deepcopy(config)
+        own = None  # the tokenizer that came with the weights of init_from
         if config.init_from:  # the weights define the architecture; config.model keeps how to run it
             loc = locate(config.init_from)
             ParamsReader(loc.params_dir).check(read_config(config.init_from))
             config.model.hf_config = loc.config_path
+            own = loc.files_dir if has_tokenizer(loc.files_dir) else None
+            _architecture_of(config.model, text_config(model_config_from(config.model)))
+        config.tokenizer = config.tokenizer or own or "char"
         tokenizer = load_tokenizer(config.tokenizer)
+        if own and os.path.abspath(config.tokenizer) != own and not same_vocabulary(tokenizer, own):
+            raise ValueError(f"--config.tokenizer={config.tokenizer} gives token ids other meanings than the "
+                             f"tokenizer of --config.init_from={config.init_from}; leave config.tokenizer empty to "
+                             "use the weights' own")
+        if config.rl.sft_steps < 0:  # the default: a warm-up for random weights only
+            config.rl.sft_steps = 0 if config.init_from else -config.rl.sft_steps
         cfg = text_config(model_config_from(config.model))
         if tokenizer.vocab_size > cfg.vocab_size:
             if config.model.hf_config:
@@ -127,6 +164,9 @@ def setup(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
         # same data-iterator state, which then resumes on any number of processes. Each scores its rows.
         loader = PromptLoader(config.data, tokenizer, batch_size=config.rl.prompts_per_step, seed=config.seed,
                               prepare=None if media is None else lambda item: media(item, tokenizer))
+        start = loader.get_state()
+        next(loader)  # the first batch's files and media read before anything is written
+        loader.set_state(start)
         held_out = [dict(it, **loader.prepare(it)) for it in eval_items(config.data)]
         held_out = [it for it in held_out if len(it["prompt_ids"]) <= config.data.max_prompt_len]  # as in training
     except (ValueError, KeyError, OSError) as e:
@@ -134,21 +174,32 @@ def setup(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     return Setup(config, tokenizer, loader, held_out, media)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-    """Run (or resume) a GSPO job; returns the per-step metrics of this invocation."""
+def train(config: ml_collections.ConfigDict, workdir: str, signalled: list[int] | None = None) -> list[dict]:
+    """Run (or resume) a GSPO job; returns the per-step metrics of this invocation. A run stopped by a signal
+    (checkpoint saved) appends the signal's number to `signalled`."""
     s = setup(config)
     config, tokenizer, loader, held_out = s.config, s.tokenizer, s.loader, s.held_out
-    workdir = os.path.abspath(workdir)  # Orbax needs absolute paths; the run may change directory
     cfg = model_config_from(config.model)
+    try:
+        check_usable(workdir)
+        check_identity(workdir, cfg.to_hf(), tokenizer, config.name)
+    except ValueError as e:
+        raise cli.UserError(cli.message(e)) from None
+    workdir = os.path.abspath(workdir)  # Orbax needs absolute paths; the run may change directory
     rl = config.rl
     main = jax.process_index() == 0
-    with storage.writing(workdir):
-        os.makedirs(workdir, exist_ok=True)
+    done = latest_step(workdir)
+    if done is not None and done >= config.steps:  # nothing to compile or run; a missing report is drawn
         if main:
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                json.dump(cfg.to_hf(), f, indent=1)
-            with open(os.path.join(workdir, "run_config.json"), "w") as f:
-                f.write(config.to_json_best_effort(indent=1))
+            print(f"the run in {workdir} is already complete (step {done} of config.steps={config.steps}); "
+                  "pass a larger --config.steps to train on")
+            if not os.path.exists(os.path.join(workdir, "report.png")):
+                _draw_report(workdir)
+        return []
+    if main:  # the source's other keys (token ids) kept, as a weights dir keeps them
+        model_hf = {**(read_hf_config(config.model.hf_config) if config.model.hf_config else {}), **cfg.to_hf()}
+        with storage.writing(workdir):
+            write_identity(workdir, model_hf, config.to_json_best_effort(indent=1), tokenizer)
     mesh = sharding.make_mesh(**config.mesh)
     updates_per_step = rl.minibatches
     tx, schedule = make_optimizer(config.optim, config.steps * updates_per_step // config.optim.grad_accum)
@@ -247,15 +298,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                       force=stopping or step + 1 == config.steps)
             if stopping:
                 writer.log(f"signal received: checkpoint saved at step {step + 1}, exiting")
+                if signalled is not None:  # another process's signal stops this one too: then SIGTERM's status
+                    signalled.append((stop.received or [signal.SIGTERM])[0])
                 break
         ckpt.wait()
         ckpt.close()
-    if main and not stopping:  # also when a resumed run had no steps left
-        from zenjax import report  # noqa: PLC0415 - matplotlib only when a run finishes
-
-        with storage.writing(os.path.join(workdir, "report.png"), patience=60):  # it draws as well
-            writer.log(f"wrote {report.plot(workdir)}")
+    if main and not stopping:
+        writer.log(f"wrote {_draw_report(workdir)}")
     return history
+
+
+def _draw_report(workdir: str) -> str:
+    from zenjax import report  # noqa: PLC0415 - matplotlib only when a run finishes
+
+    with storage.writing(os.path.join(workdir, "report.png"), patience=60):  # it draws as well
+        return report.plot(workdir)
 
 
 def _warm_up(state: State, config, tokenizer, mesh, writer, media: PromptMedia | None = None) -> State:
@@ -284,11 +341,22 @@ def _warm_up(state: State, config, tokenizer, mesh, writer, media: PromptMedia |
 
 
 def dry_run(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Checks the config and its inputs and prints the resolved config and its plan; runs and writes nothing."""
+    """Checks the config, its inputs and the workdir and prints the resolved config (the model that will train),
+    the held-out split and the plan; runs and writes nothing."""
     jax.config.update("jax_platforms", "cpu")  # never claim the accelerators a running job may hold
     devices = plan.fixed_devices(config.mesh)
-    config = setup(config, num_devices=devices).config
+    s = setup(config, num_devices=devices)
+    config = s.config
+    try:
+        check_usable(workdir)
+        check_identity(workdir, model_config_from(config.model).to_hf(), s.tokenizer, config.name)
+    except ValueError as e:
+        raise cli.UserError(cli.message(e)) from None
     print(config)
+    first = s.held_out[0] if s.held_out else None
+    print(f"held-out split: {len(s.held_out)} prompts of {config.data.source} (data.eval_size={config.data.eval_size}"
+          f", never trained on), greedy reward every {config.eval_every} steps"
+          + (f"; the first: {first['prompt']!r} -> {first.get('answer')!r}" if first else ""))
     print(plan.format_plan(plan.plan(config, devices), config.hf_model_id))
     print(f"dry run: the config and its inputs are valid for {devices} device(s) (the mesh's fixed axes); "
           f"nothing was compiled or written to {os.path.abspath(workdir)}")
@@ -305,15 +373,11 @@ def main(config: ml_collections.ConfigDict, argv: list[str]) -> None:
     distributed.skip_absent_tpu()
     distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     hostmem.keep_freed_memory()
-    train(config, FLAGS.workdir)
+    signalled = []
+    train(config, FLAGS.workdir, signalled)
+    if signalled:  # 128 + the signal, as the shell reports a process it killed: `train && convert` stops here
+        sys.exit(128 + signalled[0])
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("config", "configs/next.py:tiny", cli.CONFIG_HELP + " (--dry_run prints every field)")
-    flags.DEFINE_string("workdir", "runs/default", "Checkpoints, metrics and plots go here.")
-    flags.DEFINE_bool("dry_run", False, "Check the config and its inputs, print it and its plan, run nothing.")
-    flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs without a cluster manager).")
-    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
-    flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
-    hostmem.reexec_with_huge_pages()
     cli.run(main)

@@ -59,6 +59,13 @@ def write_config(directory: str | os.PathLike, cfg: ModelConfig, base: Mapping[s
         json.dump(hf, f, indent=2)
 
 
+def umask() -> int:
+    """The process's umask (reading it means setting it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
     """Yields a temporary sibling of `path` to fill, renamed to `path` once the block succeeds and removed if it
@@ -69,6 +76,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)  # same filesystem: atomic rename
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would hide the output from the user's group
     try:
         yield tmp
         _fsync_tree(tmp)
