@@ -181,6 +181,9 @@ class Source:
     prefix: str  # before every converted tensor's name ("thinker." in a whole Qwen3-Omni-MoE checkpoint)
     skip: tuple[str, ...]  # prefixes of tensors present but not converted
     config: dict  # the converted model's own config dict (a whole Qwen3-Omni-MoE's thinker_config)
+    # Prefixes of tensors zenjax has no model for but keeps: copied unchanged into the weights dir and written back
+    # on export (Qwen3-Next's multi-token-prediction head, for speculative decoding).
+    carried: tuple[str, ...] = ()
 
 
 def source(hf_cfg: Mapping[str, Any] | str | os.PathLike, **overrides) -> Source:
@@ -194,7 +197,8 @@ def source(hf_cfg: Mapping[str, Any] | str | os.PathLike, **overrides) -> Source
                       dict(hf_cfg.get("thinker_config") or {}))
     if model_type == "qwen3_omni_moe_thinker":
         return Source(_omni().OmniConfig.from_hf(hf_cfg, **overrides), "", (), dict(hf_cfg))
-    return Source(Qwen3Config.from_hf(hf_cfg, **overrides), "", (), dict(hf_cfg))  # refuses other model types
+    cfg = Qwen3Config.from_hf(hf_cfg, **overrides)  # refuses other model types
+    return Source(cfg, "", (), dict(hf_cfg), ("mtp.",) if cfg.hybrid else ())
 
 
 # ------------------------------------------------------------------------------------ whole models as pure dicts

@@ -113,6 +113,14 @@ class Qwen3Config:
             raise ValueError(f"partial_rotary_factor={self.partial_rotary_factor} must give an even number of the "
                              f"head_dim={self.head_dim} dims")
 
+    def check_tensor_parallel(self, n: int) -> None:
+        """Heads split over a tensor axis of n devices must divide evenly (Gated DeltaNet heads have no fallback)."""
+        if self.hybrid:
+            for name in ("linear_num_key_heads", "linear_num_value_heads"):
+                if getattr(self, name) % n:
+                    raise ValueError(f"{name}={getattr(self, name)} does not divide over tensor={n} devices: "
+                                     "choose a tensor axis that divides it")
+
     @property
     def hybrid(self) -> bool:
         """Qwen3-Next: Gated DeltaNet and gated full-attention layers."""
