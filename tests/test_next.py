@@ -12,6 +12,7 @@ from flax import nnx
 from tests.hf_util import next_config, padded_batch, save_random
 from zenjax.models import KVCache, Qwen3Config
 from zenjax.models.deltanet import CHUNK, chunked_delta_rule, recurrent_delta_rule
+from zenjax import engine, sampling
 from zenjax.models.hf import entries, load_hf
 
 # A prompt longer than one chunk of the chunked form and not a multiple of it.
@@ -147,3 +148,41 @@ def test_config_from_hub_and_transformers5_keys_and_back():
         dataclasses.replace(a, linear_num_value_heads=5)
     with pytest.raises(ValueError, match="not a multiple of full_attention_interval"):
         dataclasses.replace(a, num_layers=6)
+
+
+def _hf_greedy(ref, prompts, max_new, eos):
+    L = max(map(len, prompts))
+    ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
+    attn = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = ref.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=max_new,
+                           min_new_tokens=1, eos_token_id=eos, pad_token_id=0)[:, L:].numpy()
+    return np.pad(out, ((0, 0), (0, max_new - out.shape[1])))  # generate stops early when every row has ended
+
+
+def test_greedy_decoding_of_both_samplers_equals_transformers_generate(untied):
+    """The static sampler and the continuous engine (8 sequences through 3 slots) carry each DeltaNet layer's conv
+    and delta-rule state beside the attention layer's KV cache: greedy tokens equal generate's, with an EOS that
+    ends rows at different steps; the recorded log-probs equal a teacher-forced forward pass."""
+    ref, model = untied
+    prompts = [list(range(1, T + 1)), [3, 4], [10, 11, 12, 13, 14], [50, 60, 70]]  # the first longer than a chunk
+    free = _hf_greedy(ref, prompts, 12, eos=None)
+    first = lambda tok: {int(np.argmax(r == tok)) for r in free if tok in r[1:]}  # noqa: E731
+    eos = next(int(t) for t in np.unique(free) if len(first(t)) > 1)  # rows end at different steps
+    want = np.repeat(_hf_greedy(ref, prompts, 12, eos=eos), 2, axis=0)
+    kw = dict(num_samples=2, max_new_tokens=12, rng=None, greedy=True, eos_ids=(eos,))
+    static = sampling.sample(model, prompts, **kw)
+    continuous, stats = engine.sample(model, prompts, slots=3, **kw)
+    for out in (static, continuous):
+        np.testing.assert_array_equal(np.where(out.mask, out.tokens, 0), want)
+    assert int(stats["refills"]) == 8
+    tokens = jnp.concatenate([static.prompt_tokens, static.tokens], axis=1)
+    mask = jnp.concatenate([static.prompt_mask, static.mask], axis=1)
+    logits, _ = model(tokens, mask)
+    Lp = static.prompt_tokens.shape[1]
+    full = jax.nn.log_softmax(logits[:, Lp - 1:-1], axis=-1)
+    teacher = np.take_along_axis(np.asarray(full), np.asarray(static.tokens)[..., None], axis=-1)[..., 0]
+    m = np.asarray(static.mask)
+    for out in (static, continuous):
+        # float32: the recurrent decode against the chunked forward, ~1e-6 apart.
+        np.testing.assert_allclose(np.asarray(out.logprobs)[m], teacher[m], atol=1e-5)

@@ -33,6 +33,8 @@ class DeltaState(NamedTuple):
     conv: jax.Array
     s: jax.Array
 
+    AXES = ((None, "batch", None, "act_heads", None), (None, "batch", "act_heads", None, None))  # stacked
+
     @classmethod
     def init(cls, cfg: Qwen3Config, n: int, batch: int, dtype) -> "DeltaState":
         G, H, K, V, W = _dims(cfg)

@@ -364,6 +364,8 @@ class LayerCache(NamedTuple):
     k: jax.Array
     v: jax.Array
 
+    AXES = ((None, "batch", "act_kv_heads", None, None),) * 2  # logical axes of k and v (stacked)
+
 
 class KVCache(NamedTuple):
     """Cache for the whole model, one entry per parameter stack: a LayerCache for attention layers, a
