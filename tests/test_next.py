@@ -186,3 +186,15 @@ def test_greedy_decoding_of_both_samplers_equals_transformers_generate(untied):
     for out in (static, continuous):
         # float32: the recurrent decode against the chunked forward, ~1e-6 apart.
         np.testing.assert_allclose(np.asarray(out.logprobs)[m], teacher[m], atol=1e-5)
+
+
+def test_planner_counts_the_decode_state_and_cache_the_sampler_allocates():
+    """Per sequence: the attention layers' keys and values grow with the length, the DeltaNet states do not."""
+    from configs import qwen3_next_80b_a3b  # noqa: PLC0415
+    from zenjax.config import model_config_from  # noqa: PLC0415
+    from zenjax.plan import kv_cache_bytes  # noqa: PLC0415
+
+    cfg = model_config_from(qwen3_next_80b_a3b.get_config().model)
+    for length in (8192, 32768):
+        cache = jax.eval_shape(lambda n=length: KVCache.init(cfg, 1, n).layers)
+        assert kv_cache_bytes(cfg, 1, length) == sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
