@@ -161,11 +161,9 @@ def chunked_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, s_BHKV=None, chu
     decay_CC = jnp.where(incl, jnp.exp(jnp.where(incl, cum[..., :, None] - cum[..., None, :], 0.0)), 0.0)
     kb, vb = k * beta[..., None], v * beta[..., None]
     strict = jnp.tril(jnp.ones((C, C), bool), -1)
-    system = jnp.eye(C, dtype=F32) + jnp.where(strict, jnp.einsum("...ik,...jk->...ij", kb, k) * decay_CC, 0.0)
-    solve = lambda rhs: jax.lax.linalg.triangular_solve(system, rhs, left_side=True, lower=True,  # noqa: E731
-                                                        unit_diagonal=True)
-    u = solve(vb)  # [N, B, H, C, V] the values each token writes, given a zero state at the chunk's start
-    w = solve(kb * jnp.exp(cum)[..., None])  # [N, B, H, C, K] how the state at the chunk's start changes them
+    inv = _unit_lower_inverse(jnp.where(strict, jnp.einsum("...ik,...jk->...ij", kb, k) * decay_CC, 0.0))
+    u = _mm(inv, vb)  # [N, B, H, C, V] the values each token writes, given a zero state at the chunk's start
+    w = _mm(inv, kb * jnp.exp(cum)[..., None])  # [N, B, H, C, K] how the state at the chunk's start changes them
     intra = jnp.einsum("...ik,...jk->...ij", q, k) * decay_CC
     q_dec = q * jnp.exp(cum)[..., None]
     k_dec = k * jnp.exp(cum[..., -1:] - cum)[..., None]
@@ -181,3 +179,19 @@ def chunked_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, s_BHKV=None, chu
     s, o_NBHCV = jax.lax.scan(step, s, (u, w, intra, q_dec, k_dec, chunk_decay))
     o_BTHV = jnp.moveaxis(o_NBHCV, (0, 3), (1, 2)).reshape(B, N * C, H, V)[:, :T]
     return o_BTHV, s
+
+
+def _mm(a, b):
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)  # float32 operands even on a TPU's MXU
+
+
+def _unit_lower_inverse(a_CC):
+    """(I + A)^-1 for strictly lower-triangular A (nilpotent: A^C = 0) as (I - A)(I + A^2)(I + A^4)...: log2(C)
+    squarings, matmuls only: with jax.lax.linalg.triangular_solve (a LAPACK custom call on CPU) the tiny training
+    run hung twice inside a step, all threads idle; on accelerators matmuls are the fast path anyway."""
+    C = a_CC.shape[-1]
+    inv, p, n = jnp.eye(C, dtype=a_CC.dtype) - a_CC, a_CC, 1
+    while 2 * n < C:
+        p, n = _mm(p, p), 2 * n
+        inv = inv + _mm(inv, p)
+    return inv
