@@ -672,17 +672,17 @@ class Qwen3(nnx.Module):
         grouped = lambda a: a.reshape(G, -1, *a.shape[1:])  # noqa: E731
         lin_cache, att_cache = (None, None) if cache is None else cache.layers
 
-        def layer(graphdef):
+        def layer(graphdef, as_pair: bool):
             def body(x, xs):
                 state, kv = xs
-                kv = kv if kv is None or graphdef is lin_def else tuple(kv)
+                kv = tuple(kv) if as_pair and kv is not None else kv  # Attention takes (k, v); DeltaNet its state
                 x, kv, aux = nnx.merge(graphdef, state)(x, positions_BT, mask_BT, kv, index, valid_BS)
                 return x, (kv, aux)
             if self.cfg.remat:
                 return jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
             return body
 
-        lin_body, att_body = layer(lin_def), layer(att_def)
+        lin_body, att_body = layer(lin_def, False), layer(att_def, True)
 
         def group(x, xs):
             lin_xs, att_xs = xs
