@@ -35,6 +35,14 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     m.router_z_loss_coef = 0.0  # ST-MoE router z-loss coefficient
     m.moe_impl = "ragged"  # "ragged" dropless grouped matmul; "reference" runs every expert (tests only)
     m.balance_global_batch = False  # balance over the global batch instead of each micro-batch
+    m.full_attention_interval = 0  # Qwen3-Next: every n-th layer full attention, the others Gated DeltaNet (0: Qwen3)
+    m.partial_rotary_factor = 1.0  # fraction of each head's dims RoPE turns (Qwen3-Next: 0.25)
+    m.shared_expert_intermediate_size = 0  # MoE shared expert width (0: none)
+    m.linear_num_key_heads = 0  # Gated DeltaNet query / key heads
+    m.linear_num_value_heads = 0  # Gated DeltaNet value heads (a multiple of the key heads)
+    m.linear_key_head_dim = 0  # Gated DeltaNet key width per head
+    m.linear_value_head_dim = 0  # Gated DeltaNet value width per head
+    m.linear_conv_kernel_dim = 4  # causal depthwise convolution over q, k, v
     m.kernels = "auto"  # "auto": the kernels of the mesh devices' platform; "cpu" / "tpu" / "gpu" forces them
     m.update(overrides)
     return m
@@ -124,6 +132,14 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         m.num_experts_per_tok = 2  # top-2 of 8
         m.moe_intermediate_size = 32  # fine-grained experts, half the hidden width
         m.mlp_only_layers = ()  # every layer MoE
+        m.shared_expert_intermediate_size = 32 if m.shared_expert_intermediate_size else 0  # as wide as an expert
+    if m.full_attention_interval:  # Qwen3-Next: one group of three Gated DeltaNet layers and one attention layer
+        m.num_layers = 4  # the smallest whole group
+        m.full_attention_interval = 4  # layer 3 full attention
+        m.linear_num_key_heads = 2  # DeltaNet query / key heads
+        m.linear_num_value_heads = 4  # two value heads per key head, as released
+        m.linear_key_head_dim = 16  # per key head
+        m.linear_value_head_dim = 16  # per value head
     c.mesh.data = -1  # pure data parallelism over whatever devices there are
     c.mesh.fsdp = 1  # nothing worth sharding
     c.mesh.expert = 1  # 8 small experts fit everywhere

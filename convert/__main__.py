@@ -10,8 +10,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m convert", description="Convert Qwen3, Qwen3-MoE and Qwen3-Omni-MoE "
-                                "thinker weights between HF and zenjax.")
+    p = argparse.ArgumentParser(prog="python -m convert", description="Convert Qwen3, Qwen3-MoE, Qwen3-Next and "
+                                "Qwen3-Omni-MoE thinker weights between HF and zenjax.")
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("hf-to-orbax", help="HF safetensors dir -> zenjax weights dir (config.json + params/)")
     a.add_argument("--hf", required=True, help="directory with config.json and *.safetensors")

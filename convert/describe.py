@@ -28,7 +28,7 @@ def describe(path: str) -> str:
     if hf:
         with SafetensorsReader(path) as reader:
             tensors = [(k, reader.shape(k), reader.dtype(k)) for k in sorted(reader.keys())]
-            check = (lambda: (check_keys(cfg, reader.keys(), src.prefix, src.skip),
+            check = (lambda: (check_keys(cfg, reader.keys(), src.prefix, src.skip + src.carried),
                               check_shapes(cfg, reader.shapes(), src.prefix))) if cfg else None
             status = _status(check)
     else:

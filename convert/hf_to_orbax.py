@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.common import copy_side_files, progress
+from convert.orbax_to_hf import SafetensorsWriter
 from zenjax import weights
 from zenjax.models.hf import SafetensorsReader, check_keys, check_shapes, model_entries, source
 
@@ -25,11 +26,13 @@ def hf_to_orbax(hf_dir: str, out: str, *, dtype: np.dtype | None = None,
     Config, tensor names and shapes are checked before anything is written; the output appears only once
     complete, and a failure removes what was written. The config's model_type picks the mapping (see
     `zenjax.models.hf.source`); of a whole Qwen3-Omni-MoE checkpoint, the thinker is converted and the talker's
-    and code2wav's tensors are skipped."""
+    and code2wav's tensors are skipped; a Qwen3-Next checkpoint's MTP tensors are carried unchanged (`weights.CARRIED`)."""
     src = source(hf_dir)
     cfg = src.cfg
+    if mesh_shape and hasattr(cfg, "check_tensor_parallel"):
+        cfg.check_tensor_parallel(mesh_shape.get("tensor", 1))
     with SafetensorsReader(hf_dir) as reader:
-        check_keys(cfg, reader.keys(), src.prefix, src.skip)
+        check_keys(cfg, reader.keys(), src.prefix, src.skip + src.carried)
         check_shapes(cfg, reader.shapes(), src.prefix)
         skipped = sorted(k for k in reader.keys() if k.startswith(src.skip)) if src.skip else []
         if skipped:
@@ -72,4 +75,17 @@ def hf_to_orbax(hf_dir: str, out: str, *, dtype: np.dtype | None = None,
                     writer.write(e.path, e.layer, e.to_ours(tensors))
                     bar.update(nbytes[i])
                     del tensors  # not held while the next slice is built
+            carry(reader, src.carried, os.path.join(tmp, weights.CARRIED))
     return os.path.abspath(out)
+
+
+def carry(reader: SafetensorsReader, prefixes: tuple[str, ...], out: str) -> None:
+    """The tensors under `prefixes`, one at a time, unchanged into an HF-style safetensors dir `out` (none: no dir)."""
+    keys = sorted(k for k in reader.keys() if k.startswith(prefixes)) if prefixes else []
+    if not keys:
+        return
+    os.makedirs(out)
+    writer = SafetensorsWriter(out, [(k, reader.shape(k), reader.dtype(k)) for k in keys], 5 * 10**9)
+    for k in keys:
+        writer.write(k, reader.get(k))
+    writer.close()

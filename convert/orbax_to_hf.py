@@ -9,7 +9,7 @@ import numpy as np
 
 from convert.common import copy_side_files, progress
 from zenjax import weights
-from zenjax.models.hf import SAFETENSORS_DTYPES, hf_shapes, model_entries, source
+from zenjax.models.hf import SAFETENSORS_DTYPES, SafetensorsReader, hf_shapes, model_entries, source
 
 _ST_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 INDEX = "model.safetensors.index.json"
@@ -88,7 +88,8 @@ def orbax_to_hf(src: str, out: str, *, dtype: np.dtype | None = None, max_shard_
     """Converts a weights dir or a training workdir (its latest step); `dtype` defaults to each parameter's
     stored dtype. Config, parameter names and shapes are checked before anything is written; the output appears
     only once complete, and a failure removes what was written. A Qwen3-Omni-MoE thinker is written as a
-    standalone thinker (`Qwen3OmniMoeThinkerForConditionalGeneration`)."""
+    standalone thinker (`Qwen3OmniMoeThinkerForConditionalGeneration`). Tensors the weights dir carries (a
+    Qwen3-Next MTP head, `weights.CARRIED`) follow the model's, unchanged unless `dtype` casts them."""
     loc = weights.locate(src)
     stored = source(loc.config_path)
     cfg, source_config = stored.cfg, stored.config
@@ -98,6 +99,10 @@ def orbax_to_hf(src: str, out: str, *, dtype: np.dtype | None = None, max_shard_
     plan_entries = list(model_entries(cfg))
     out_dtype = {e.path: dtype if dtype is not None else reader.dtype(e.path) for e in plan_entries}
     plan = [(k, shapes[k], out_dtype[e.path]) for e in plan_entries for k in e.hf_keys]
+    carried_dir = os.path.join(loc.files_dir, weights.CARRIED)
+    carried = SafetensorsReader(carried_dir) if os.path.isdir(carried_dir) else None
+    carried_keys = sorted(carried.keys()) if carried else []
+    plan += [(k, carried.shape(k), dtype if dtype is not None else carried.dtype(k)) for k in carried_keys]
     nbytes = [int(np.prod(reader.shape(e.path)[e.layer is not None:])) * reader.dtype(e.path).itemsize
               for e in plan_entries]
     with weights.atomic_directory(out) as tmp:
@@ -119,7 +124,13 @@ def orbax_to_hf(src: str, out: str, *, dtype: np.dtype | None = None, max_shard_
                     writer.write(key, tensor)
                     bar.update(tensor.nbytes)
                 del value, tensor  # not held while the next slice is read
+            for k, _, d in plan[len(plan) - len(carried_keys):]:
+                tensor = carried.get(k).astype(d, copy=False)
+                writer.write(k, tensor)
+                bar.update(tensor.nbytes)
         writer.close()
+        if carried:
+            carried.close()
         names = {str(d) for d in out_dtype.values()}
         name = names.pop() if len(names) == 1 else "float32"
         hf_config = {**source_config, **cfg.to_hf(), "dtype": name, "torch_dtype": name}

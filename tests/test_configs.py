@@ -86,6 +86,35 @@ def test_qwen3_30b_a3b_counts():
     assert n.embedding == n.lm_head == V * 2048
 
 
+def next_hand_count(L, E, H, K, D, G, Hv, Dk, Dv, W, X, k, f, fs, tied):
+    """(total, active) of a Qwen3-Next: every 4th layer gated attention (q twice as wide: query and gate), the
+    others Gated DeltaNet (q, k, v, z, b, a projections, a depthwise conv over q, k, v, dt_bias, A_log, the gated
+    norm, out); every layer an MoE of X experts (k active) plus a shared expert of width fs and its gate."""
+    attn = 2 * E * H * D + E * 2 * K * D + H * D * E + 2 * D
+    delta = E * (2 * G * Dk + 2 * Hv * Dv + 2 * Hv) + W * (2 * G * Dk + Hv * Dv) + 2 * Hv + Dv + Hv * Dv * E
+    shared = 3 * E * fs + E + E * X
+    full = L // 4
+    outer = V * E * (1 if tied else 2) + E
+    layers = full * attn + (L - full) * delta + L * (shared + 2 * E)
+    return outer + layers + L * X * 3 * E * f, outer + layers + L * k * 3 * E * f
+
+
+def test_qwen3_next_80b_a3b_counts_as_transformers():
+    """The released shapes: transformers' Qwen3NextForCausalLM built from our config on the meta device has exactly
+    our parameters, and both are the hand count of the config's docstring."""
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM  # noqa: PLC0415
+
+    cfg = model_config_from(load("qwen3_next_80b_a3b").model)
+    n = count_params(cfg)
+    with torch.device("meta"):
+        ref = Qwen3NextForCausalLM(Qwen3NextConfig(**cfg.to_hf()))
+    assert ref.config.layer_types.count("full_attention") == 12
+    total, active = next_hand_count(48, 2048, 16, 2, 256, 16, 32, 128, 128, 4, X=512, k=10, f=512, fs=512,
+                                    tied=False)
+    assert n.total == sum(p.numel() for p in ref.parameters()) == total and n.active == active
+    assert round(total / 1e9, 1) == 79.7 and round(active / 1e9, 1) == 3.9
+
+
 @pytest.mark.parametrize("name,shape,target_total,target_active", [
     ("coder", dict(L=36, E=2048, H=32, K=8, f=384), 7e9, 2e9),
     ("next", dict(L=46, E=4096, H=64, K=4, f=768), 32e9, 8e9),

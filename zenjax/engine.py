@@ -33,7 +33,7 @@ from jax.experimental.layout import Layout, with_layout_constraint
 
 from zenjax import sampling
 from zenjax.models.omni import RowLayout, RowMedia
-from zenjax.models.qwen3 import KVCache, LayerCache, Qwen3
+from zenjax.models.qwen3 import KVCache, Qwen3
 from zenjax.sharding import axis_size, constrain
 
 
@@ -106,9 +106,8 @@ def _run(graphdef, state, prompt_PL, pmask_PL, media, budget_N, rng, temperature
     rng_first, rng_decode = jax.random.split(rng)
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
 
-    kv_axes = (None, "batch", "act_kv_heads", None, None)
     cache = KVCache.init(cfg, S, Lp + max_new)._replace(index=jnp.int32(Lp))
-    cache = cache._replace(layers=tuple(LayerCache(*(constrain(a, kv_axes, cfg.rules) for a in c))
+    cache = cache._replace(layers=tuple(type(c)(*(constrain(a, axes, cfg.rules) for a, axes in zip(c, c.AXES)))
                                         for c in cache.layers))
     unstack = cfg.kernel_platform() == "cpu"  # as in the static sampler (Qwen3.unstack_layers)
     layers = None
@@ -124,7 +123,7 @@ def _run(graphdef, state, prompt_PL, pmask_PL, media, budget_N, rng, temperature
         # Laid out as the cache it is copied into (row-major): XLA would otherwise give the refill loop's cache the
         # prefill's layout and convert the whole cache between it and the decode loop's at every refill.
         row_major = lambda a: with_layout_constraint(a, Layout(tuple(range(a.ndim))))  # noqa: E731
-        layers = tuple(LayerCache(row_major(c.k), row_major(c.v)) for c in kv.layers)
+        layers = tuple(type(c)(*map(row_major, c)) for c in kv.layers)
         return Prefill(layers, kv.valid_BS, model.logits(out.hidden_BTE[:, -1:])[:, 0], start_B)
 
     def by_shard(x, axis):
@@ -145,8 +144,9 @@ def _run(graphdef, state, prompt_PL, pmask_PL, media, budget_N, rng, temperature
                                                                         b_n, do_n)
             return new.reshape(dst.shape)
 
-        kv = tuple(LayerCache(*(write(d, s_, d.ndim - 4) for d, s_ in zip(c, s))) for c, s in zip(cache.layers,
-                                                                                                buffer.layers))
+        # A Gated DeltaNet's conv and delta-rule states are whole rows, also with the batch axis 4th from last.
+        kv = tuple(type(c)(*(write(d, s_, d.ndim - 4) for d, s_ in zip(c, s))) for c, s in zip(cache.layers,
+                                                                                             buffer.layers))
         return cache._replace(layers=kv, valid_BS=write(cache.valid_BS, jnp.pad(buffer.valid_BL, ((0, 0), (0, max_new))),
                                                         0))
 

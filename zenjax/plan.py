@@ -167,8 +167,17 @@ def logprob_forward_bytes(cfg: Qwen3Config, rows: int, seq_len: int, *, tensor: 
 
 
 def kv_cache_bytes(cfg: Qwen3Config, rows: int, seq_len: int, *, tensor: int = 1) -> float:
+    """Decode memory of `rows` sequences: the attention layers' keys and values, and a Qwen3-Next's Gated DeltaNet
+    states (the conv's last W - 1 inputs and the float32 delta-rule state: the same at any length)."""
     b = jnp.dtype(cfg.dtype).itemsize
-    return 2 * cfg.num_layers * rows * seq_len * cfg.num_kv_heads / tensor * cfg.head_dim * b
+    full = cfg.num_layers // cfg.full_attention_interval if cfg.hybrid else cfg.num_layers
+    kv = 2 * full * rows * seq_len * cfg.num_kv_heads / tensor * cfg.head_dim * b
+    if cfg.hybrid:
+        G, H, K, V = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                      cfg.linear_value_head_dim)
+        conv = (cfg.linear_conv_kernel_dim - 1) * (2 * G * K + H * V) * b
+        kv += (cfg.num_layers - full) * rows * (conv + H * K * V * 4) / tensor
+    return kv
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, mesh: Mesh | AbstractMesh):

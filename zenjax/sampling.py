@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from zenjax.models.omni import OmniThinker, RowLayout, RowMedia, placement
-from zenjax.models.qwen3 import KVCache, LayerCache, Qwen3
+from zenjax.models.qwen3 import KVCache, Qwen3
 from zenjax.sharding import constrain
 
 BUCKET = 32  # prompts are left-padded to a multiple of this many tokens
@@ -293,8 +293,8 @@ def _decode(model: Qwen3, out, start_P, prompt_PL, pmask_PL, budget_N, rng, temp
     rep = functools.partial(jnp.repeat, repeats=num_samples)
 
     logits_NV = rep(model.logits(out.hidden_BTE[:, -1:])[:, 0], axis=0)
-    kv_axes = (None, "batch", "act_kv_heads", None, None)
-    cache = KVCache(tuple(LayerCache(*(constrain(rep(a, axis=1), kv_axes, model.cfg.rules) for a in (c.k, c.v)))
+    # Each prompt's keys (and a Gated DeltaNet's state after the prompt) copied to its samples' rows.
+    cache = KVCache(tuple(type(c)(*(constrain(rep(a, axis=1), axes, model.cfg.rules) for a, axes in zip(c, c.AXES)))
                           for c in out.cache.layers),
                     rep(out.cache.valid_BS, axis=0), out.cache.index)
     layers = None

@@ -51,6 +51,9 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     return hf.source(locate(path).config_path).cfg
 
 
+CARRIED = "carried"  # subdirectory of tensors kept unchanged (hf.Source.carried), as HF safetensors
+
+
 def write_config(directory: str | os.PathLike, cfg: ModelConfig, base: Mapping[str, Any] | None = None,
                  **extra) -> None:
     """config.json: `base` (e.g. the source's config, for its token ids) overridden by `cfg.to_hf()` and `extra`."""

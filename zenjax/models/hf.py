@@ -79,29 +79,65 @@ def entries(cfg: Qwen3Config, prefix: str = "") -> Iterator[Entry]:
     yield Entry(("final_norm", "scale"), None, (prefix + "model.norm.weight",), *ident)
     if not cfg.tie_embeddings:
         yield Entry(("lm_head",), None, (prefix + "lm_head.weight",), *linear)
-    layer = 0
-    for s, (moe, n) in enumerate(cfg.segments()):
-        for j in range(n):
-            p = f"{prefix}model.layers.{layer}."
-            st = ("stacks", s)
-            yield Entry(st + ("input_norm", "scale"), j, (p + "input_layernorm.weight",), *ident)
-            yield Entry(st + ("post_attn_norm", "scale"), j, (p + "post_attention_layernorm.weight",), *ident)
+    kinds = cfg.stack_kinds()
+    for layer, (s, j) in enumerate(cfg.layer_order()):
+        mixer, moe, _ = kinds[s]
+        p = f"{prefix}model.layers.{layer}."
+        st = ("stacks", s)
+        yield Entry(st + ("input_norm", "scale"), j, (p + "input_layernorm.weight",), *ident)
+        yield Entry(st + ("post_attn_norm", "scale"), j, (p + "post_attention_layernorm.weight",), *ident)
+        if mixer == "linear":
+            yield from _deltanet_entries(cfg, st + ("linear_attn",), j, p + "linear_attn.")
+        else:
             yield Entry(st + ("attn", "q_norm", "scale"), j, (p + "self_attn.q_norm.weight",), *ident)
             yield Entry(st + ("attn", "k_norm", "scale"), j, (p + "self_attn.k_norm.weight",), *ident)
             for name, heads in (("q", H), ("k", K), ("v", K)):
                 yield Entry(st + ("attn", name), j, (p + f"self_attn.{name}_proj.weight",),
-                            lambda a, h=heads: _t(a[0]).reshape(E, h, D), lambda w: [_t(w.reshape(E, -1))])
+                            lambda a, h=heads: _t(a[0]).reshape(E, h, -1), lambda w: [_t(w.reshape(E, -1))])
             yield Entry(st + ("attn", "o"), j, (p + "self_attn.o_proj.weight",),
                         lambda a: _t(a[0]).reshape(H, D, E), lambda w: [_t(w.reshape(H * D, E))])
-            if moe:
-                yield Entry(st + ("mlp", "router"), j, (p + "mlp.gate.weight",), *linear)
+        if moe:
+            yield Entry(st + ("mlp", "router"), j, (p + "mlp.gate.weight",), *linear)
+            for name in ("gate", "up", "down"):
+                keys = tuple(p + f"mlp.experts.{x}.{name}_proj.weight" for x in range(cfg.num_experts))
+                yield Entry(st + ("mlp", name), j, keys, _stack_t, lambda w: (_t(x) for x in w))
+            if cfg.shared_expert_intermediate_size:
                 for name in ("gate", "up", "down"):
-                    keys = tuple(p + f"mlp.experts.{x}.{name}_proj.weight" for x in range(cfg.num_experts))
-                    yield Entry(st + ("mlp", name), j, keys, _stack_t, lambda w: (_t(x) for x in w))
-            else:
-                for name in ("gate", "up", "down"):
-                    yield Entry(st + ("mlp", name), j, (p + f"mlp.{name}_proj.weight",), *linear)
-            layer += 1
+                    yield Entry(st + ("mlp", "shared", name), j, (p + f"mlp.shared_expert.{name}_proj.weight",),
+                                *linear)
+                yield Entry(st + ("mlp", "shared_gate"), j, (p + "mlp.shared_expert_gate.weight",),
+                            lambda a: a[0][0], lambda w: [w[None]])
+        else:
+            for name in ("gate", "up", "down"):
+                yield Entry(st + ("mlp", name), j, (p + f"mlp.{name}_proj.weight",), *linear)
+
+
+def _deltanet_entries(cfg: Qwen3Config, st: Path, j: int, p: str) -> Iterator[Entry]:
+    """A Gated DeltaNet layer (models/deltanet.py). HF's conv1d channels are [all q | all k | all v]; ours per key
+    head [G, q K | k K | v rV], as in_proj_qkvz's rows."""
+    G, Hv, K, V = cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    E = cfg.hidden_size
+    ident = (lambda arrs: arrs[0], lambda a: [a])
+
+    def conv_to_ours(a):  # [C, 1, W] -> [W, G, 2K + rV]
+        a = a[0][:, 0, :]
+        q, k, v = a[:G * K].reshape(G, K, -1), a[G * K:2 * G * K].reshape(G, K, -1), a[2 * G * K:].reshape(G, -1, a.shape[-1])
+        return np.ascontiguousarray(np.concatenate([q, k, v], axis=1).transpose(2, 0, 1))
+
+    def conv_to_hf(w):
+        a = w.transpose(1, 2, 0)  # [G, 2K + rV, W]
+        return [np.concatenate([a[:, :K].reshape(G * K, -1), a[:, K:2 * K].reshape(G * K, -1),
+                                a[:, 2 * K:].reshape(Hv * V, -1)])[:, None, :]]
+
+    for ours, theirs in (("qkvz", "in_proj_qkvz"), ("ba", "in_proj_ba")):
+        yield Entry(st + (ours,), j, (p + f"{theirs}.weight",), lambda a: _t(a[0]).reshape(E, G, -1),
+                    lambda w: [_t(w.reshape(E, -1))])
+    yield Entry(st + ("conv",), j, (p + "conv1d.weight",), conv_to_ours, conv_to_hf)
+    yield Entry(st + ("dt_bias",), j, (p + "dt_bias",), *ident)
+    yield Entry(st + ("A_log",), j, (p + "A_log",), *ident)
+    yield Entry(st + ("norm",), j, (p + "norm.weight",), *ident)
+    yield Entry(st + ("out",), j, (p + "out_proj.weight",), lambda a: _t(a[0]).reshape(Hv, V, E),
+                lambda w: [_t(w.reshape(Hv * V, E))])
 
 
 # ------------------------------------------------------------------------------------ which mapping a config picks
@@ -145,6 +181,9 @@ class Source:
     prefix: str  # before every converted tensor's name ("thinker." in a whole Qwen3-Omni-MoE checkpoint)
     skip: tuple[str, ...]  # prefixes of tensors present but not converted
     config: dict  # the converted model's own config dict (a whole Qwen3-Omni-MoE's thinker_config)
+    # Prefixes of tensors zenjax has no model for but keeps: copied unchanged into the weights dir and written back
+    # on export (Qwen3-Next's multi-token-prediction head, for speculative decoding).
+    carried: tuple[str, ...] = ()
 
 
 def source(hf_cfg: Mapping[str, Any] | str | os.PathLike, **overrides) -> Source:
@@ -158,7 +197,8 @@ def source(hf_cfg: Mapping[str, Any] | str | os.PathLike, **overrides) -> Source
                       dict(hf_cfg.get("thinker_config") or {}))
     if model_type == "qwen3_omni_moe_thinker":
         return Source(_omni().OmniConfig.from_hf(hf_cfg, **overrides), "", (), dict(hf_cfg))
-    return Source(Qwen3Config.from_hf(hf_cfg, **overrides), "", (), dict(hf_cfg))  # refuses other model types
+    cfg = Qwen3Config.from_hf(hf_cfg, **overrides)  # refuses other model types
+    return Source(cfg, "", (), dict(hf_cfg), ("mtp.",) if cfg.hybrid else ())
 
 
 # ------------------------------------------------------------------------------------ whole models as pure dicts

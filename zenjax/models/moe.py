@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from zenjax.models.qwen3 import Qwen3Config, param
+from zenjax.models.qwen3 import MLP, Qwen3Config, param
 from zenjax.sharding import logical_to_spec
 
 F32 = jnp.float32
@@ -36,7 +36,8 @@ DOWN_AXES = ("experts", "expert_mlp", "embed")
 
 
 class MoEBlock(nnx.Module):
-    """Router + top-k + SwiGLU experts; returns (y_BTE, aux) where aux holds this layer's routing statistics."""
+    """Router + top-k + SwiGLU experts (+ Qwen3-Next's shared expert, scaled by sigmoid(x @ shared_gate)); returns
+    (y_BTE, aux) where aux holds this layer's routing statistics."""
 
     def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
         E, X, F = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
@@ -45,6 +46,9 @@ class MoEBlock(nnx.Module):
         self.gate = param(rngs, cfg, (X, E, F), GATE_AXES)
         self.up = param(rngs, cfg, (X, E, F), GATE_AXES)
         self.down = param(rngs, cfg, (X, F, E), DOWN_AXES)
+        if cfg.shared_expert_intermediate_size:
+            self.shared = MLP(cfg, rngs=rngs, width=cfg.shared_expert_intermediate_size)
+            self.shared_gate = param(rngs, cfg, (E,), ("embed",))
 
     def __call__(self, x_BTE, mask_BT):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
@@ -59,6 +63,9 @@ class MoEBlock(nnx.Module):
         else:  # the grouped-matmul kernel of accelerators (megablox on TPU); XLA:CPU runs blocks of rows faster
             kernel = "blocked" if cfg.kernel_platform() == "cpu" else "ragged_dot"
             y_BTE = _sharded_experts(x_BTE.astype(dt), idx_BTK, w_BTK, *weights, kernel=kernel, rules=cfg.rules)
+        if cfg.shared_expert_intermediate_size:
+            gate_BT1 = jax.nn.sigmoid(x_BTE.astype(F32) @ self.shared_gate[...].astype(F32))[..., None]
+            y_BTE = (y_BTE.astype(F32) + gate_BT1 * self.shared(x_BTE, mask_BT)[0].astype(F32)).astype(dt)
         return y_BTE, _router_aux(logits_BTX, probs_BTX, idx_BTK, mask_BT)
 
     def split_experts(self):

@@ -53,6 +53,16 @@ class Qwen3Config:
     mlp_only_layers: tuple[int, ...] = ()
     router_aux_loss_coef: float = 0.001
     router_z_loss_coef: float = 0.0
+    # Qwen3-Next (0 means Qwen3): every n-th layer full attention, the others Gated DeltaNet (models/deltanet.py);
+    # with it come the gated attention, zero-centred RMSNorms and the MoE's shared expert.
+    full_attention_interval: int = 0
+    partial_rotary_factor: float = 1.0  # RoPE on this fraction of each head's dims (Qwen3-Next: 0.25)
+    shared_expert_intermediate_size: int = 0  # the MoE's shared expert width (0: none)
+    linear_num_key_heads: int = 0  # Gated DeltaNet query / key heads
+    linear_num_value_heads: int = 0  # ... value heads (a multiple of the key heads)
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 4  # causal depthwise convolution over q, k and v
     moe_impl: str = "ragged"  # "ragged" (dropless grouped matmul) or "reference" (every expert, tests only)
     balance_global_batch: bool = False  # load-balance statistics summed over the data axes before the product
     kernels: str = "auto"  # whose kernels run: the mesh devices' platform, or "cpu" / "tpu" / "gpu" forced (tests)
@@ -79,10 +89,73 @@ class Qwen3Config:
                 raise ValueError(f"mlp_only_layers {bad} out of range for num_layers={self.num_layers}")
             if self.moe_impl not in ("ragged", "reference"):
                 raise ValueError(f"moe_impl={self.moe_impl!r}: expected 'ragged' or 'reference'")
+        if self.hybrid:
+            self._check_hybrid()
         if self.kernels not in ("auto", "cpu", "tpu", "gpu"):
             raise ValueError(f"kernels={self.kernels!r}: expected 'auto', 'cpu', 'tpu' or 'gpu'")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout={self.layout!r}: expected one of {', '.join(LAYOUTS)}")
+
+    def _check_hybrid(self):
+        p = self.full_attention_interval
+        if self.num_layers % p:
+            raise ValueError(f"num_layers={self.num_layers} is not a multiple of full_attention_interval={p}")
+        if len({self.is_moe_layer(i) for i in range(self.num_layers)}) > 1:
+            raise ValueError("a Qwen3-Next model needs every layer MoE or every layer dense (mlp_only_layers / "
+                             "decoder_sparse_step mix them)")
+        heads = (self.linear_num_key_heads, self.linear_num_value_heads, self.linear_key_head_dim,
+                 self.linear_value_head_dim, self.linear_conv_kernel_dim)
+        if min(heads) < 1 or self.linear_num_value_heads % self.linear_num_key_heads:
+            raise ValueError(f"linear heads {self.linear_num_key_heads} key / {self.linear_num_value_heads} value of "
+                             f"{self.linear_key_head_dim} / {self.linear_value_head_dim} dims, conv kernel "
+                             f"{self.linear_conv_kernel_dim}: all must be positive, value heads a multiple of key heads")
+        if not 0 < self.partial_rotary_factor <= 1 or int(self.head_dim * self.partial_rotary_factor) % 2:
+            raise ValueError(f"partial_rotary_factor={self.partial_rotary_factor} must give an even number of the "
+                             f"head_dim={self.head_dim} dims")
+
+    def check_tensor_parallel(self, n: int) -> None:
+        """Heads split over a tensor axis of n devices must divide evenly (Gated DeltaNet heads have no fallback)."""
+        if self.hybrid:
+            for name in ("linear_num_key_heads", "linear_num_value_heads"):
+                if getattr(self, name) % n:
+                    raise ValueError(f"{name}={getattr(self, name)} does not divide over tensor={n} devices: "
+                                     "choose a tensor axis that divides it")
+
+    @property
+    def hybrid(self) -> bool:
+        """Qwen3-Next: Gated DeltaNet and gated full-attention layers."""
+        return self.full_attention_interval > 0
+
+    def is_linear_layer(self, i: int) -> bool:
+        return self.hybrid and (i + 1) % self.full_attention_interval != 0
+
+    def stack_kinds(self) -> list[tuple[str, bool, int]]:
+        """(mixer "attention" / "linear", is_moe, count) of each parameter stack: runs of consecutive layers of one
+        kind (Qwen3), or a hybrid's Gated DeltaNet layers then its full-attention layers, each stacked in layer order
+        and run interleaved (`Qwen3._scan_groups`)."""
+        if not self.hybrid:
+            return [("attention", moe, n) for moe, n in self.segments()]
+        full = self.num_layers // self.full_attention_interval
+        moe = self.is_moe_layer(0)
+        return [("linear", moe, self.num_layers - full), ("attention", moe, full)]
+
+    def layer_order(self) -> list[tuple[int, int]]:
+        """(stack, index in the stack) of every layer, in layer order."""
+        seen = [0] * len(self.stack_kinds())
+        out = []
+        for i in range(self.num_layers):
+            s = int(not self.is_linear_layer(i)) if self.hybrid else self._segment_of(i)
+            out.append((s, seen[s]))
+            seen[s] += 1
+        return out
+
+    def _segment_of(self, i: int) -> int:
+        end = 0
+        for s, (_, n) in enumerate(self.segments()):
+            end += n
+            if i < end:
+                return s
+        raise IndexError(i)
 
     @property
     def rules(self):
@@ -99,7 +172,10 @@ class Qwen3Config:
                 and (i + 1) % self.decoder_sparse_step == 0)
 
     def segments(self) -> list[tuple[bool, int]]:
-        """Runs of consecutive layers of the same kind: [(is_moe, count), ...]; each run is one scan."""
+        """(is_moe, count) of each parameter stack (`stack_kinds`): for Qwen3, runs of consecutive layers of the
+        same kind, each run one scan."""
+        if self.hybrid:
+            return [(moe, n) for _, moe, n in self.stack_kinds()]
         out: list[tuple[bool, int]] = []
         for i in range(self.num_layers):
             kind = self.is_moe_layer(i)
@@ -114,8 +190,9 @@ class Qwen3Config:
         """From an HF config.json (path, directory or dict); accepts hub and transformers-5 key styles."""
         hf = read_hf_config(hf)
         model_type = hf.get("model_type")
-        if model_type not in ("qwen3", "qwen3_moe"):
-            raise ValueError(f"unsupported model_type {model_type!r}: zenjax loads 'qwen3' and 'qwen3_moe'")
+        if model_type not in ("qwen3", "qwen3_moe", "qwen3_next"):
+            raise ValueError(f"unsupported model_type {model_type!r}: zenjax loads 'qwen3', 'qwen3_moe' and "
+                             "'qwen3_next'")
         if hf.get("attention_bias"):
             raise ValueError("attention_bias=true is not a Qwen3 layout zenjax supports")
         if hf.get("use_sliding_window"):
@@ -136,7 +213,9 @@ class Qwen3Config:
             tie_embeddings=hf.get("tie_word_embeddings", False),
             max_position_embeddings=hf.get("max_position_embeddings", 40960),
         )
-        if model_type == "qwen3_moe":
+        if model_type == "qwen3_next":
+            fields.update(_next_fields(hf, rope))
+        if model_type in ("qwen3_moe", "qwen3_next") and hf.get("num_experts", hf.get("num_local_experts")):
             fields.update(
                 num_experts=hf.get("num_experts", hf.get("num_local_experts")),
                 num_experts_per_tok=hf["num_experts_per_tok"],
@@ -151,9 +230,11 @@ class Qwen3Config:
 
     def to_hf(self) -> dict[str, Any]:
         """An HF config.json dict (transformers-5 key style) describing this architecture."""
+        model_type, arch = (("qwen3_next", "Qwen3NextForCausalLM") if self.hybrid else
+                            ("qwen3_moe", "Qwen3MoeForCausalLM") if self.num_experts else ("qwen3", "Qwen3ForCausalLM"))
         hf = dict(
-            model_type="qwen3_moe" if self.num_experts else "qwen3",
-            architectures=["Qwen3MoeForCausalLM" if self.num_experts else "Qwen3ForCausalLM"],
+            model_type=model_type,
+            architectures=[arch],
             vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
             num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads, head_dim=self.head_dim,
             intermediate_size=self.intermediate_size, rms_norm_eps=self.rms_norm_eps,
@@ -167,7 +248,40 @@ class Qwen3Config:
                       moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
                       decoder_sparse_step=self.decoder_sparse_step, mlp_only_layers=list(self.mlp_only_layers),
                       router_aux_loss_coef=self.router_aux_loss_coef, output_router_logits=False)
+        if self.hybrid:
+            hf["rope_parameters"]["partial_rotary_factor"] = self.partial_rotary_factor
+            hf.update(layer_types=["linear_attention" if self.is_linear_layer(i) else "full_attention"
+                                   for i in range(self.num_layers)],
+                      full_attention_interval=self.full_attention_interval,
+                      shared_expert_intermediate_size=self.shared_expert_intermediate_size,
+                      linear_num_key_heads=self.linear_num_key_heads,
+                      linear_num_value_heads=self.linear_num_value_heads,
+                      linear_key_head_dim=self.linear_key_head_dim, linear_value_head_dim=self.linear_value_head_dim,
+                      linear_conv_kernel_dim=self.linear_conv_kernel_dim)
         return hf
+
+
+def _next_fields(hf: Mapping[str, Any], rope: Mapping[str, Any]) -> dict[str, Any]:
+    """Qwen3-Next's own config keys; the layer pattern from `layer_types` (transformers 5) or
+    `full_attention_interval` (hub), which must be every n-th layer full attention."""
+    n = hf["num_hidden_layers"]
+    interval = hf.get("full_attention_interval", 4)
+    types = list(hf.get("layer_types") or [])
+    if types:
+        full = [i for i, t in enumerate(types) if t == "full_attention"]
+        interval = full[0] + 1 if full else 0
+        want = ["linear_attention" if (i + 1) % max(interval, 1) else "full_attention" for i in range(n)]
+        if not full or types != want:
+            raise ValueError(f"layer_types {types} is not every n-th layer full attention, the others "
+                             "linear_attention: the only Qwen3-Next layer pattern zenjax supports")
+    return dict(
+        full_attention_interval=interval,
+        partial_rotary_factor=rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.25)),
+        shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size", 0),
+        linear_num_key_heads=hf["linear_num_key_heads"], linear_num_value_heads=hf["linear_num_value_heads"],
+        linear_key_head_dim=hf["linear_key_head_dim"], linear_value_head_dim=hf["linear_value_head_dim"],
+        linear_conv_kernel_dim=hf.get("linear_conv_kernel_dim", 4),
+    )
 
 
 def read_hf_config(hf: Mapping[str, Any] | str | os.PathLike) -> Mapping[str, Any]:
@@ -195,14 +309,21 @@ def param(rngs: nnx.Rngs, cfg: Any, shape, axes, init: str = "normal") -> nnx.Pa
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, cfg: Qwen3Config, *, rngs: nnx.Rngs):
-        self.scale = param(rngs, cfg, (dim,), ("norm",), init="ones")
+    """x / rms(x) * scale; Qwen3-Next's norms are zero-centred: * (1 + scale), the scale starting at zero."""
+
+    def __init__(self, dim: int, cfg: Qwen3Config, *, rngs: nnx.Rngs, zero_centred: bool = False):
+        self.scale = param(rngs, cfg, (dim,), ("norm",), init="zeros" if zero_centred else "ones")
         self.eps = cfg.rms_norm_eps
+        self.offset = 1.0 if zero_centred else 0.0
 
     def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+        return (rms_normalize(x, self.eps) * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+
+
+def rms_normalize(x, eps: float) -> jax.Array:
+    """x / rms(x) over the last axis, in float32."""
+    x32 = x.astype(jnp.float32)
+    return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
 
 
 def rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
@@ -243,24 +364,41 @@ class LayerCache(NamedTuple):
     k: jax.Array
     v: jax.Array
 
+    AXES = ((None, "batch", "act_kv_heads", None, None),) * 2  # logical axes of k and v (stacked)
+
 
 class KVCache(NamedTuple):
-    """Cache for the whole model. `valid_BS` marks slots holding real (non-pad) tokens; `index` is the next slot."""
-    layers: tuple[LayerCache, ...]
+    """Cache for the whole model, one entry per parameter stack: a LayerCache for attention layers, a
+    `deltanet.DeltaState` (constant size) for Gated DeltaNet layers. `valid_BS` marks slots holding real (non-pad)
+    tokens; `index` is the next slot."""
+    layers: tuple
     valid_BS: jax.Array
     index: jax.Array
 
     @classmethod
     def init(cls, cfg: Qwen3Config, batch: int, max_len: int, dtype=None) -> "KVCache":
+        from zenjax.models.deltanet import DeltaState  # noqa: PLC0415 - deltanet imports this module
         dtype = jnp.dtype(dtype or cfg.dtype)
         K, S, D = cfg.num_kv_heads, max_len, cfg.head_dim
-        layers = tuple(LayerCache(jnp.zeros((n, batch, K, D, S), dtype), jnp.zeros((n, batch, K, S, D), dtype))
-                       for _, n in cfg.segments())
+        layers = tuple(DeltaState.init(cfg, n, batch, dtype) if mixer == "linear" else
+                       LayerCache(jnp.zeros((n, batch, K, D, S), dtype), jnp.zeros((n, batch, K, S, D), dtype))
+                       for mixer, _, n in cfg.stack_kinds())
         return cls(layers, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
 
     def unstack(self) -> "KVCache":
-        """One LayerCache per layer, for decoding from `Qwen3.unstack_layers`."""
-        return self._replace(layers=tuple(LayerCache(k, v) for c in self.layers for k, v in zip(c.k, c.v)))
+        """One cache per layer, in layer order, for decoding from `Qwen3.unstack_layers`."""
+        per_stack = [[type(c)(*(a[j] for a in c)) for j in range(c[0].shape[0])] for c in self.layers]
+        return self._replace(layers=tuple(in_layer_order(per_stack, not isinstance(self.layers[0], LayerCache))))
+
+
+def in_layer_order(per_stack: Sequence[Sequence], hybrid: bool) -> list:
+    """Per-layer items listed per stack (`Qwen3Config.stack_kinds`), in layer order: the stacks one after the other,
+    or a hybrid's groups of (interval - 1) Gated DeltaNet layers and one full-attention layer."""
+    if not hybrid:
+        return [x for stack in per_stack for x in stack]
+    linear, full = per_stack
+    r = len(linear) // len(full)
+    return [x for g in range(len(full)) for x in (*linear[g * r:(g + 1) * r], full[g])]
 
     @property
     def max_len(self) -> int:
@@ -271,17 +409,21 @@ class Attention(nnx.Module):
     def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
         D, H, K, E = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.hidden_size
         self.cfg = cfg
-        self.q = param(rngs, cfg, (E, H, D), ("embed", "heads", "head_dim"))
+        # Qwen3-Next's q holds each head's query then its output gate (HF's layout): out * sigmoid(gate) before o.
+        self.q = param(rngs, cfg, (E, H, 2 * D if cfg.hybrid else D), ("embed", "heads", "head_dim"))
         self.k = param(rngs, cfg, (E, K, D), ("embed", "kv_heads", "head_dim"))
         self.v = param(rngs, cfg, (E, K, D), ("embed", "kv_heads", "head_dim"))
         self.o = param(rngs, cfg, (H, D, E), ("heads", "head_dim", "embed"))
-        self.q_norm = RMSNorm(D, cfg, rngs=rngs)
-        self.k_norm = RMSNorm(D, cfg, rngs=rngs)
+        self.q_norm = RMSNorm(D, cfg, rngs=rngs, zero_centred=cfg.hybrid)
+        self.k_norm = RMSNorm(D, cfg, rngs=rngs, zero_centred=cfg.hybrid)
 
     def __call__(self, x_BTE, positions_BT, mask_BT, kv: tuple[jax.Array, jax.Array] | None, index, valid_BS):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         x = x_BTE.astype(dt)
-        q_BTHD = self.q_norm(jnp.einsum("bte,ehd->bthd", x, self.q[...].astype(dt)))
+        q_BTHD = jnp.einsum("bte,ehd->bthd", x, self.q[...].astype(dt))
+        if cfg.hybrid:
+            q_BTHD, gate_BTHD = jnp.split(q_BTHD, 2, axis=-1)
+        q_BTHD = self.q_norm(q_BTHD)
         k_BTKD = self.k_norm(jnp.einsum("bte,ekd->btkd", x, self.k[...].astype(dt)))
         v_BTKD = jnp.einsum("bte,ekd->btkd", x, self.v[...].astype(dt))
         q_BTHD = constrain(self._rope(q_BTHD, positions_BT), ("batch", "seq", "act_heads", None), cfg.rules)
@@ -296,10 +438,12 @@ class Attention(nnx.Module):
         B, T, H, D = q_BTHD.shape
         if T == 1 and kv is not None:  # decoding reads the cache as stored, its valid slots
             q_BKGD = q_BTHD.reshape(B, cfg.num_kv_heads, H // cfg.num_kv_heads, D)
-            out_BTHD = self._decode_attention(q_BKGD, *kv, valid_BS)[:, None].astype(dt)
+            out_BTHD = self._decode_attention(q_BKGD, *kv, valid_BS).reshape(B, 1, H, D).astype(dt)
         else:  # training, and the prefill of an empty cache: the new tokens among themselves
             out_BTHD = attention(q_BTHD, k_BTKD.astype(dt), v_BTKD.astype(dt), mask_BT, platform=cfg.kernel_platform(),
                                  rules=cfg.rules)
+        if cfg.hybrid:
+            out_BTHD = (out_BTHD.astype(jnp.float32) * jax.nn.sigmoid(gate_BTHD.astype(jnp.float32))).astype(dt)
         # Heads flattened on both sides: as a 4-d contraction, XLA:CPU transposes the whole o weight at every
         # decode step to match the attention output's layout.
         out_BTE = out_BTHD.reshape(B, T, H * D) @ self.o[...].astype(dt).reshape(H * D, -1)
@@ -309,6 +453,9 @@ class Attention(nnx.Module):
         cfg = self.cfg
         if cfg.mrope_section:  # positions [3, B, T]
             return apply_mrope(x_BTHD, positions, cfg.rope_theta, cfg.mrope_section)
+        rot = int(cfg.head_dim * cfg.partial_rotary_factor)
+        if rot < cfg.head_dim:  # partial rotary: the first `rot` dims turn, the others pass
+            return jnp.concatenate([rope(x_BTHD[..., :rot], positions, cfg.rope_theta), x_BTHD[..., rot:]], axis=-1)
         return rope(x_BTHD, positions, cfg.rope_theta)
 
     @staticmethod
@@ -325,8 +472,8 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU feed-forward."""
 
-    def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
-        E, F = cfg.hidden_size, cfg.intermediate_size
+    def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs, width: int | None = None):
+        E, F = cfg.hidden_size, width or cfg.intermediate_size
         self.dtype = jnp.dtype(cfg.dtype)
         self.layout = cfg.layout
         self.gate = param(rngs, cfg, (E, F), ("embed", "mlp"))
@@ -370,10 +517,17 @@ _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: Qwen3Config, moe: bool, *, rngs: nnx.Rngs):
-        self.input_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
-        self.attn = Attention(cfg, rngs=rngs)
-        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
+    """Norm, token mixer (attention, or Qwen3-Next's Gated DeltaNet: `mixer` "linear"), norm, MLP slot."""
+
+    def __init__(self, cfg: Qwen3Config, moe: bool, *, rngs: nnx.Rngs, mixer: str = "attention"):
+        self.cfg = cfg
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs, zero_centred=cfg.hybrid)
+        if mixer == "linear":
+            from zenjax.models.deltanet import GatedDeltaNet  # noqa: PLC0415 - deltanet imports this module's helpers
+            self.linear_attn = GatedDeltaNet(cfg, rngs=rngs)
+        else:
+            self.attn = Attention(cfg, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs, zero_centred=cfg.hybrid)
         if moe:
             from zenjax.models.moe import MoEBlock  # noqa: PLC0415 - moe imports this module's helpers
             self.mlp = MoEBlock(cfg, rngs=rngs)
@@ -381,10 +535,14 @@ class Block(nnx.Module):
             self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x_BTE, positions_BT, mask_BT, kv, index, valid_BS):
-        h, kv = self.attn(self.input_norm(x_BTE), positions_BT, mask_BT, kv, index, valid_BS)
+        """`kv`: this layer's cache, a (k, v) pair, or a Gated DeltaNet's `DeltaState`; None without a cache."""
+        if hasattr(self, "linear_attn"):
+            h, kv = self.linear_attn(self.input_norm(x_BTE), mask_BT, kv)
+        else:
+            h, kv = self.attn(self.input_norm(x_BTE), positions_BT, mask_BT, kv, index, valid_BS)
         x_BTE = x_BTE + h.astype(x_BTE.dtype)
         h, aux = self.mlp(self.post_attn_norm(x_BTE), mask_BT)
-        x_BTE = constrain(x_BTE + h.astype(x_BTE.dtype), ("batch", "seq", "act_embed"), self.attn.cfg.rules)
+        x_BTE = constrain(x_BTE + h.astype(x_BTE.dtype), ("batch", "seq", "act_embed"), self.cfg.rules)
         return x_BTE, kv, aux
 
 
@@ -398,16 +556,16 @@ class Qwen3(nnx.Module):
     def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = param(rngs, cfg, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
-        self.stacks = nnx.List([self._stack(moe, n, rngs) for moe, n in cfg.segments()])
-        self.final_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
+        self.stacks = nnx.List([self._stack(mixer, moe, n, rngs) for mixer, moe, n in cfg.stack_kinds()])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs, zero_centred=cfg.hybrid)
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, cfg, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
 
-    def _stack(self, moe: bool, n: int, rngs: nnx.Rngs) -> Block:
+    def _stack(self, mixer: str, moe: bool, n: int, rngs: nnx.Rngs) -> Block:
         @nnx.split_rngs(splits=n)
         @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make(r):
-            return Block(self.cfg, moe, rngs=r)
+            return Block(self.cfg, moe, rngs=r, mixer=mixer)
         return make(rngs)
 
     def head_weight(self) -> jax.Array:
@@ -421,15 +579,16 @@ class Qwen3(nnx.Module):
         of decoding (bound by reading the weights). A decode loop that takes these copies, made once per
         generation, reads each weight once per token, for one more copy of the layer weights while it runs. On one
         device, MoE layers also hold each expert's weights apart (`MoEBlock.split_experts`), for the same reason."""
-        out = []
+        per_stack = []
         for stack, (moe, n) in zip(self.stacks, self.cfg.segments()):
             graphdef, state = nnx.split(stack)
+            per_stack.append([])
             for j in range(n):
                 layer = nnx.merge(graphdef, jax.tree.map(lambda a, j=j: a[j], state))
                 if moe:
                     layer.mlp.split_experts()
-                out.append(nnx.split(layer))
-        return tuple(out)
+                per_stack[-1].append(nnx.split(layer))
+        return tuple(in_layer_order(per_stack, self.cfg.hybrid))
 
     def embed_tokens(self, tokens_BT) -> jax.Array:
         """Input embeddings [B, T, E] in the compute dtype."""
@@ -461,7 +620,14 @@ class Qwen3(nnx.Module):
         x = constrain(x, ("batch", "seq", "act_embed"), cfg.rules)
 
         args = (x, positions_BT, mask_BT, cache, index, valid_BS, tuple(deepstack))
-        x, new_layers, aux_list = self._scan_stacks(*args) if layers is None else self._one_by_one(layers, *args)
+        if layers is not None:
+            x, new_layers, aux_list = self._one_by_one(layers, *args)
+        elif cfg.hybrid:
+            if deepstack:
+                raise ValueError("deepstack additions are for the Omni thinker, not a Qwen3-Next model")
+            x, new_layers, aux_list = self._scan_groups(*args[:-1])
+        else:
+            x, new_layers, aux_list = self._scan_stacks(*args)
         aux = {k: jnp.concatenate([a[k] for a in aux_list]) for k in aux_list[0]} if aux_list else {}
         h = self.final_norm(x)
         if cache is not None:
@@ -496,6 +662,43 @@ class Qwen3(nnx.Module):
             first += n
         return x, new_layers, aux_list
 
+    def _scan_groups(self, x, positions_BT, mask_BT, cache, index, valid_BS):
+        """A hybrid's layers: one scan over the groups of (interval - 1) Gated DeltaNet layers and one full-attention
+        layer, the DeltaNet layers an inner scan. The two stacks keep the usual [layers, ...] parameters (one index
+        per layer for the converter and the sharding rules), seen as [groups, per group, ...] here: the program
+        compiles one body per layer kind, however many groups."""
+        (lin_def, lin_state), (att_def, att_state) = nnx.split(self.stacks[0]), nnx.split(self.stacks[1])
+        G = self.cfg.num_layers // self.cfg.full_attention_interval
+        grouped = lambda a: a.reshape(G, -1, *a.shape[1:])  # noqa: E731
+        lin_cache, att_cache = (None, None) if cache is None else cache.layers
+
+        def layer(graphdef, as_pair: bool):
+            def body(x, xs):
+                state, kv = xs
+                kv = tuple(kv) if as_pair and kv is not None else kv  # Attention takes (k, v); DeltaNet its state
+                x, kv, aux = nnx.merge(graphdef, state)(x, positions_BT, mask_BT, kv, index, valid_BS)
+                return x, (kv, aux)
+            if self.cfg.remat:
+                return jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
+            return body
+
+        lin_body, att_body = layer(lin_def, False), layer(att_def, True)
+
+        def group(x, xs):
+            lin_xs, att_xs = xs
+            x, lin_out = jax.lax.scan(lin_body, x, lin_xs)
+            x, att_out = att_body(x, att_xs)
+            return x, (lin_out, att_out)
+
+        xs = ((jax.tree.map(grouped, lin_state), jax.tree.map(grouped, lin_cache)), (att_state, att_cache))
+        x, ((lin_kv, lin_aux), (att_kv, att_aux)) = jax.lax.scan(group, x, xs)
+        new_layers = [None, None] if cache is None else [
+            jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), lin_kv), LayerCache(*att_kv)]
+        # Routing statistics in layer order: each group's DeltaNet layers, then its attention layer.
+        aux = jax.tree.map(lambda a, b: jnp.concatenate([a, b[:, None]], 1).reshape(-1, *b.shape[1:]),
+                           lin_aux, att_aux)
+        return x, new_layers, [aux] if aux else []
+
     @staticmethod
     def _one_by_one(layers, x, positions_BT, mask_BT, cache, index, valid_BS, deepstack):
         if cache is None or len(cache.layers) != len(layers):
@@ -503,10 +706,14 @@ class Qwen3(nnx.Module):
                              "decode from, one LayerCache per layer (KVCache.unstack())")
         new_layers, aux_list = [], []
         for j, ((graphdef, state), kv) in enumerate(zip(layers, cache.layers)):
-            x, kv, aux = nnx.merge(graphdef, state)(x, positions_BT, mask_BT, tuple(kv), index, valid_BS)
+            if isinstance(kv, LayerCache):
+                x, kv, aux = nnx.merge(graphdef, state)(x, positions_BT, mask_BT, tuple(kv), index, valid_BS)
+                kv = LayerCache(*kv)
+            else:  # a Gated DeltaNet's state
+                x, kv, aux = nnx.merge(graphdef, state)(x, positions_BT, mask_BT, kv, index, valid_BS)
             if j < len(deepstack):
                 x = x + deepstack[j].astype(x.dtype)
-            new_layers.append(LayerCache(*kv))
+            new_layers.append(kv)
             if aux:
                 aux_list.append({k: v[None] for k, v in aux.items()})  # as a scan over one layer stacks it
         return x, new_layers, aux_list
