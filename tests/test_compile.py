@@ -134,13 +134,13 @@ def test_the_omni_thinker_compiles_for_v5p_with_its_media():
 
 
 def test_what_does_not_fit_is_named_with_the_capacity(monkeypatch):
-    # A chip of 10.7 kB: every program of the tiny dense run is over it, by XLA's own per-device figures.
+    # A chip of 10.5 KiB: every program of the tiny dense run is over it, by XLA's own per-device figures.
     monkeypatch.setitem(zcompile.plan.CHIPS, "v5p", 1e-5)
     config = _long(nano_config.get_config("tiny"), data=1, fsdp=-1)
     reports, hbm, _, too_big = zcompile.run(config, "v5p-8", ("update", "sampler"))
     assert hbm == 1e-5 * 2**30 and len(reports) == 2
     assert [line.split(" ")[0] for line in too_big[:2]] == ["update", "sampler"]
-    assert all("per device, more than the 10.7 kB of a v5p device" in line for line in too_big[:2]), too_big
+    assert all("per device, more than the 10.5 KiB of a v5p device" in line for line in too_big[:2]), too_big
     assert "--config.rl.rollout_copy=False samples from the training state" in too_big[2]
     _planner_agrees(config, reports, 4)
     # FSDP over 4 chips, decoding from the rollout copy: a generated token moves no weights between chips, only
