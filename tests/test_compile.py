@@ -118,12 +118,17 @@ def test_collectives_are_the_bytes_each_device_sends_per_call_and_per_iteration(
 
 HBM_HLO = """
 HloModule h, num_partitions=1
+%nested_slice (n0: f32[10,256], n1: s32[]) -> f32[1,256] {
+  %n0 = f32[10,256]{1,0} parameter(0)
+  %n1 = s32[] parameter(1)
+  %zero = s32[] constant(0)
+  ROOT %ds = f32[1,256]{1,0} dynamic-slice(%n0, %n1, %zero), dynamic_slice_sizes={1,256}
+}
 %fused_slice (p0: f32[10,256], p1: s32[]) -> f32[256] {
   %p0 = f32[10,256]{1,0} parameter(0)
   %p1 = s32[] parameter(1)
-  %zero = s32[] constant(0)
-  %ds = f32[1,256]{1,0} dynamic-slice(%p0, %p1, %zero), dynamic_slice_sizes={1,256}
-  ROOT %r = f32[256]{0} bitcast(%ds)
+  %f = f32[1,256]{1,0} fusion(%p0, %p1), kind=kLoop, calls=%nested_slice
+  ROOT %r = f32[256]{0} bitcast(%f)
 }
 %fused_update (q0: f32[10,256], q1: f32[256], q2: s32[]) -> f32[10,256] {
   %q0 = f32[10,256]{1,0} parameter(0)
@@ -163,8 +168,8 @@ ENTRY %main (a: f32[10,256]) -> f32[10,256] {
 
 
 def test_hbm_bytes_are_operands_and_results_times_the_trip_counts():
-    # Hand-counted per iteration of the 10-trip loop: the fusion that slices one 256-float row out of the cache
-    # reads the row and the s32 index and writes the row (1024 + 4 + 1024); exp reads and writes a row (2048); the
+    # Hand-counted per iteration of the 10-trip loop: the fusion that slices one 256-float row out of the cache (in
+    # a fusion nested in it) reads the row and the s32 index and writes the row (1024 + 4 + 1024); exp reads and writes a row (2048); the
     # copy into VMEM (memory space S(1)) reads a row from HBM (1024); the fusion that updates the cache in place
     # reads the row and the index and writes the row (1024 + 4 + 1024); the counter's add 3 x 4. The entry's
     # negate reads and writes the whole 10x256 cache (2 x 10240). Tuples, parameters and constants move nothing.

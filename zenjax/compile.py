@@ -371,18 +371,7 @@ class Module:
             return sum(reads) + write
         body = self.comps.get(self.called(instr).get("calls", [""])[0], [])
         params = {i.name: int(i.operands[0]) for i in body if i.opcode == "parameter"}
-        users: dict[str, list[tuple[Instruction, int]]] = {p: [] for p in params}
-        for i in body:
-            for k, name in enumerate(i.operands):
-                if name in users:
-                    users[name].append((i, k))
-        total = 0
-        for p, index in params.items():
-            uses = users[p]
-            if uses and all(u.opcode in _SLICING and k == 0 for u, k in uses):
-                total += sum(_bytes(u.type, hbm_only=True) for u, _ in uses)
-            elif not (uses and all(u.opcode == "dynamic-update-slice" and k == 0 for u, k in uses)):
-                total += reads[index] if index < len(reads) else 0
+        total = sum(min(self._read(body, p, reads[k]), reads[k]) for p, k in params.items() if k < len(reads))
         by_name = {i.name: i for i in body}
         root = next((i for i in body if i.root), None)
         outputs = [by_name.get(n) for n in root.operands] if root and root.opcode == "tuple" else [root]
@@ -390,6 +379,26 @@ class Module:
         for out, type_ in zip(outputs, types):
             in_place = out is not None and out.opcode == "dynamic-update-slice" and out.operands[0] in params
             total += _bytes(self.types.get(out.operands[1], ""), True) if in_place else _bytes(type_, True)
+        return total
+
+    def _read(self, body: list[Instruction], value: str, whole: int) -> int:
+        """HBM bytes a fused computation reads of `value` (`whole` bytes): the slices taken of it, through bitcasts
+        and nested fusions; none where it is the buffer of an in-place update; else all of it."""
+        total = 0
+        for user in body:
+            for k, name in enumerate(user.operands):
+                if name != value:
+                    continue
+                if user.opcode in _SLICING and k == 0:
+                    total += _bytes(user.type, hbm_only=True)
+                elif user.opcode == "bitcast":
+                    total += self._read(body, user.name, whole)
+                elif user.opcode == "fusion":
+                    inner = self.comps.get(self.called(user).get("calls", [""])[0], [])
+                    param = next((i.name for i in inner if i.opcode == "parameter" and i.operands == (str(k),)), None)
+                    total += self._read(inner, param, whole) if param else whole
+                elif not (user.opcode == "dynamic-update-slice" and k == 0):
+                    return whole
         return total
 
 
@@ -400,8 +409,9 @@ def _add(into: dict, more: dict, n: float = 1):
 
 def traffic(hlo: str, weight_shapes: frozenset = frozenset()) -> tuple[dict[str, float], dict[str, float],
                                                                         dict[str, float]]:
-    """(per call, per iteration of the loops without a known trip count, per iteration of the engine's refill
-    loops) of what a device moves, from compiled HLO: kind of collective -> bytes sent (CONVENTION), and HBM ->
+    """(per call, per iteration of the innermost loops without a known trip count, per iteration of the engine's
+    refill loops) of what a device moves, from compiled HLO (an outer run-time loop's own traffic, e.g. per round of
+    the engine's refills and decode steps, is in none of them): kind of collective -> bytes sent (CONVENTION), and HBM ->
     operand + result bytes of the instructions (Module.hbm_bytes), each multiplied by the trip counts of the loops
     around it. A refill loop is a run-time loop traced under `named_scope("refill")` (zenjax.engine: one
     placement, a prompt's prefill included); the others are decode loops (per token). The all-gathers whose result
@@ -441,10 +451,12 @@ def traffic(hlo: str, weight_shapes: frozenset = frozenset()) -> tuple[dict[str,
                     if sub in seen or sub not in module.comps:
                         continue
                     inner, inner_loops, inner_refills = total(sub, seen + (name,), sub_fused, sub_scatter)
-                    if n is None:  # a run-time-length loop: what one iteration moves
-                        _add(rf if _REFILL.search(instr.attrs) else lp, inner)
-                    else:
+                    if n is not None:
                         _add(d, inner, n)
+                    elif _REFILL.search(instr.attrs):
+                        _add(rf, inner)
+                    elif not inner_loops:  # an innermost run-time loop: what one step moves
+                        _add(lp, inner)
                     _add(lp, inner_loops)
                     _add(rf, inner_refills)
                 options.append((d, lp, rf))
@@ -553,7 +565,8 @@ def format_report(r: Report, hbm: float) -> str:
 
 
 def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3g} ms"
+    scale, unit = next(((f, u) for f, u in ((1, "s"), (1e-3, "ms")) if seconds >= f), (1e-6, "us"))
+    return f"{seconds / scale:.3g} {unit}"
 
 
 PROGRAMS = ("update", "old_logprobs", "sampler")
