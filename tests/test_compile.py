@@ -169,10 +169,11 @@ ENTRY %main (a: f32[10,256]) -> f32[10,256] {
 
 def test_hbm_bytes_are_operands_and_results_times_the_trip_counts():
     # Hand-counted per iteration of the 10-trip loop: the fusion that slices one 256-float row out of the cache (in
-    # a fusion nested in it) reads the row and the s32 index and writes the row (1024 + 4 + 1024); exp reads and writes a row (2048); the
-    # copy into VMEM (memory space S(1)) reads a row from HBM (1024); the fusion that updates the cache in place
-    # reads the row and the index and writes the row (1024 + 4 + 1024); the counter's add 3 x 4. The entry's
-    # negate reads and writes the whole 10x256 cache (2 x 10240). Tuples, parameters and constants move nothing.
+    # a fusion nested in it) reads the row and the s32 index and writes the row (1024 + 4 + 1024); exp reads and
+    # writes a row (2048); the copy into VMEM (memory space S(1)) reads a row from HBM (1024); the fusion that
+    # updates the cache in place reads the row and the index and writes the row (1024 + 4 + 1024); the counter's
+    # add 3 x 4. The entry's negate reads and writes the whole 10x256 cache (2 x 10240). Tuples, parameters and
+    # constants move nothing.
     per_call, per_iteration, _ = zcompile.traffic(HBM_HLO)
     assert per_call == {zcompile.HBM: 10 * (2052 + 2048 + 1024 + 2052 + 12) + 20480} and not per_iteration
 

@@ -411,9 +411,9 @@ def traffic(hlo: str, weight_shapes: frozenset = frozenset()) -> tuple[dict[str,
                                                                         dict[str, float]]:
     """(per call, per iteration of the innermost loops without a known trip count, per iteration of the engine's
     refill loops) of what a device moves, from compiled HLO (an outer run-time loop's own traffic, e.g. per round of
-    the engine's refills and decode steps, is in none of them): kind of collective -> bytes sent (CONVENTION), and HBM ->
-    operand + result bytes of the instructions (Module.hbm_bytes), each multiplied by the trip counts of the loops
-    around it. A refill loop is a run-time loop traced under `named_scope("refill")` (zenjax.engine: one
+    the engine's refills and decode steps, is in none of them): kind of collective -> bytes sent (CONVENTION), and
+    HBM -> operand + result bytes of the instructions (Module.hbm_bytes), each multiplied by the trip counts of the
+    loops around it. A refill loop is a run-time loop traced under `named_scope("refill")` (zenjax.engine: one
     placement, a prompt's prefill included); the others are decode loops (per token). The all-gathers whose result
     has the shape of a parameter's per-device share in the rollout layout (`weight_shapes`, whole or one layer of a
     stack) are counted under WEIGHTS as well: they gather FSDP shards of the weights. An all-reduce that XLA fused
