@@ -53,6 +53,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, Mesh
 
 from zenjax import cli, sharding
+from zenjax.chips import CHIPS
 from zenjax.config import BATCH_AXES, logprob_rows, model_config_from, validate
 from zenjax.models import Qwen3Config, attention
 from zenjax.models.hf import ModelConfig, build, is_omni, text_config
@@ -60,8 +61,6 @@ from zenjax.rl import rewards, sandbox
 from zenjax.train_state import abstract_rollout_params, abstract_state, make_optimizer
 
 GIB = 2**30
-# HBM per chip in GiB, the unit vendors quote it in and XLA's limit uses (XLA needs some for its own buffers).
-CHIPS = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "a100": 80, "h100": 80, "h200": 141, "b200": 180}
 HEADROOM = 0.9  # above this fraction of a chip's memory, warn that it is tight
 
 
@@ -232,9 +231,9 @@ class Plan:
     def warnings(self) -> list[str]:
         if self.chip is None:
             return []
-        cap = CHIPS[self.chip] * GIB
+        cap = CHIPS[self.chip].hbm * GIB
         if self.peak > cap:
-            out = [f"does not fit: peak {self.peak / GIB:.1f} GiB > {self.chip} {CHIPS[self.chip]} GiB per chip"]
+            out = [f"does not fit: peak {self.peak / GIB:.1f} GiB > {self.chip} {CHIPS[self.chip].hbm} GiB per chip"]
             if self.rollout_copy and self.peak - self.rollout_copy <= cap:
                 out.append(f"the rollout copy of the policy ({self.rollout_copy / GIB:.1f} GiB) does not fit next to "
                            "the training state: --config.rl.rollout_copy=False decodes from the training state "
@@ -242,7 +241,7 @@ class Plan:
             return out
         if self.peak > HEADROOM * cap:
             return [f"tight: peak {self.peak / GIB:.1f} GiB is over {HEADROOM:.0%} of {self.chip}'s "
-                    f"{CHIPS[self.chip]} GiB per chip"]
+                    f"{CHIPS[self.chip].hbm} GiB per chip"]
         return []
 
 
@@ -306,7 +305,7 @@ def plan(config: ml_collections.ConfigDict, num_devices: int | None = None, chip
     shards = math.prod(sizes[a] for a in BATCH_AXES)
     mb_local = rollout // rl.minibatches // shards
     ref = device_bytes(params) if rl.kl_coef > 0 else 0
-    hbm = hbm if hbm is not None else CHIPS[chip] * GIB if chip else None
+    hbm = hbm if hbm is not None else CHIPS[chip].hbm * GIB if chip else None
     slots = rollout_slots(config, sizes, device_bytes(params) + device_bytes(opt_state) + ref + copy, hbm)
     act = {r: activation_bytes(cfg, mb_local, seq, tensor=t, expert=n, chunk=rl.logprob_chunk, remat=r)
            for r in (True, False)}
@@ -381,7 +380,7 @@ def format_plan(p: Plan, hf_model_id: str = "") -> str:
         _row("peak", p.peak),
     ]
     if p.chip:
-        lines.append(f"{p.chip}: {CHIPS[p.chip]} GiB per chip, peak uses {p.peak / (CHIPS[p.chip] * GIB):.0%}")
+        lines.append(f"{p.chip}: {CHIPS[p.chip].hbm} GiB per chip, peak uses {p.peak / (CHIPS[p.chip].hbm * GIB):.0%}")
     lines.append("not modelled: the sampler's prefill" + ("" if p.rollout_copy else " and gathered weights")
                  + (", the encoders' activations" if c.vision or c.audio else "")
                  + " (python -m zenjax.compile counts every buffer)")
