@@ -50,7 +50,7 @@ from zenjax.tokenizer import Tokenizer, load_tokenizer
 from zenjax.train_state import RLHyper, State, abstract_state, init_state, make_functions, make_optimizer, \
     make_rollout_copy, make_sft_step
 from zenjax.weights import ParamsReader, load_weights, locate, read_config
-from zenjax.workdir import check_identity, check_usable, has_tokenizer, latest_step, same_vocabulary, write_identity
+from zenjax.workdir import check_identity, check_usable, has_tokenizer, same_vocabulary, write_identity
 
 FLAGS = flags.FLAGS
 VOCAB_MULTIPLE = 128  # a from-scratch vocabulary grown to cover its tokenizer is rounded up to this
@@ -188,18 +188,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, signalled: list[int] 
     workdir = os.path.abspath(workdir)  # Orbax needs absolute paths; the run may change directory
     rl = config.rl
     main = jax.process_index() == 0
-    done = latest_step(workdir)
-    if done is not None and done >= config.steps:  # nothing to compile or run; a missing report is drawn
-        if main:
-            print(f"the run in {workdir} is already complete (step {done} of config.steps={config.steps}); "
-                  "pass a larger --config.steps to train on")
-            if not os.path.exists(os.path.join(workdir, "report.png")):
-                _draw_report(workdir)
-        return []
-    if main:  # the source's other keys (token ids) kept, as a weights dir keeps them
-        model_hf = {**(read_hf_config(config.model.hf_config) if config.model.hf_config else {}), **cfg.to_hf()}
-        with storage.writing(workdir):
-            write_identity(workdir, model_hf, config.to_json_best_effort(indent=1), tokenizer)
     mesh = sharding.make_mesh(**config.mesh)
     updates_per_step = rl.minibatches
     tx, schedule = make_optimizer(config.optim, config.steps * updates_per_step // config.optim.grad_accum)
@@ -214,6 +202,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, signalled: list[int] 
     with jax.set_mesh(mesh), contextlib.ExitStack() as cleanup:
         graphdef, abs_params, abs_opt, param_sh, opt_sh = abstract_state(cfg, tx, mesh, config.seed)
         restored = ckpt.restore(abs_params, abs_opt)
+        if restored is not None and restored[0] >= config.steps:  # verified complete: nothing to compile or run
+            ckpt.close()
+            if main:
+                print(f"the run in {workdir} is already complete (step {restored[0]} of config.steps="
+                      f"{config.steps}); pass a larger --config.steps to train on")
+                if not os.path.exists(os.path.join(workdir, "report.png")):
+                    _draw_report(workdir)
+            return []
+        if main:  # the source's other keys (token ids) kept, as a weights dir keeps them
+            model_hf = {**(read_hf_config(config.model.hf_config) if config.model.hf_config else {}), **cfg.to_hf()}
+            with storage.writing(workdir):
+                write_identity(workdir, model_hf, config.to_json_best_effort(indent=1), tokenizer)
         if restored is not None:
             start, params, opt_state, meta = restored
             state = State(graphdef, params, opt_state, param_sh, opt_sh)

@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Mapping
 
 from zenjax.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
-from zenjax.weights import locate, umask
+from zenjax.weights import umask
 
 CONFIG, RUN_CONFIG, GENERATION = "config.json", "run_config.json", "generation_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # an HF tokenizer directory has one of these
@@ -23,14 +23,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # an HF tokenizer
 
 def has_tokenizer(directory: str) -> bool:
     return any(os.path.isfile(os.path.join(directory, n)) for n in TOKENIZER_FILES)
-
-
-def latest_step(workdir: str) -> int | None:
-    """The newest finished checkpoint step of a training workdir, None for a new one."""
-    try:
-        return locate(workdir).step
-    except FileNotFoundError:
-        return None
 
 
 def check_usable(workdir: str) -> None:
