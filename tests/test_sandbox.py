@@ -197,7 +197,8 @@ ESCAPES = {
 @needs(*sandbox.LAYERS)
 def test_escapes_are_refused(tmp_path):
     victim = subprocess.Popen(["sleep", "30"])
-    sock_dir = tempfile.mkdtemp(dir=sys.prefix)  # in a host directory the sandbox shows (the interpreter's)
+    # In a host directory the sandbox shows: the base interpreter's (a virtualenv may sit in /tmp, the program's own)
+    sock_dir = tempfile.mkdtemp(dir=sys.base_prefix)
     listener = socket.socket(socket.AF_UNIX)
     try:
         sock, node = os.path.join(sock_dir, "daemon.sock"), os.path.join(sock_dir, "null")
